@@ -1,0 +1,573 @@
+"""The run configuration: one frozen pydantic tree, loaded from YAML plus ``--set`` overrides.
+
+Every model is frozen and forbids unknown keys; variants (datasets, neurons, synthesis
+methods, optimizers, schedules) are discriminated unions on ``kind``. Defaults follow the
+Fast-DFKD CIFAR protocol (Fang et al., AAAI 2022; ``zju-vipa/Fast-Datafree``) where
+``shared/DESIGN.md`` is silent.
+
+Loading is :func:`load_config` (distillation runs) or :func:`load_teacher_config`
+(``stars train-teacher``). Every problem a user can cause (a missing file, a YAML syntax
+error, an unknown key, a wrong type, an out-of-range number, an unknown ``kind``, a bad
+``--set``) raises :class:`ConfigError`, whose message names the field's path, the value given
+and what is allowed. The CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AdamOptimizer",
+    "CifarData",
+    "ConfigError",
+    "ConstantSchedule",
+    "CosineSchedule",
+    "DAFLSynthesis",
+    "DFADSynthesis",
+    "DataConfig",
+    "DeepInversionSynthesis",
+    "DistillConfig",
+    "EvalConfig",
+    "FastSynthesis",
+    "ImageFolderData",
+    "NeuronConfig",
+    "OneCycleSchedule",
+    "OptimizerConfig",
+    "RCAConfig",
+    "RunConfig",
+    "SGDOptimizer",
+    "ScheduleConfig",
+    "StarsConfig",
+    "StepSchedule",
+    "StudentConfig",
+    "SynthesisConfig",
+    "TARConfig",
+    "TeacherConfig",
+    "TeacherTrainConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "load_teacher_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says where and how."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+TeacherArch = Literal[
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet18",
+    "resnet34",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "wrn16_2",
+    "wrn40_2",
+]
+StudentArch = Literal[
+    "spiking_resnet18",
+    "spiking_resnet19",
+    "spiking_resnet20",
+    "spiking_vgg11",
+    "spiking_vgg16",
+    "spiking_tiny",
+]
+
+# ----------------------------------------------------------------------------- data
+
+
+class CifarData(_Frozen):
+    """CIFAR-10 or CIFAR-100.
+
+    ``root`` holds either torchvision's pickled batches (``cifar-10-batches-py`` /
+    ``cifar-100-python``) or an ImageFolder tree with ``train/`` and ``test/`` class folders
+    (what ``shared/data/cifar10/materialize.py`` writes); ``format: auto`` picks whichever is
+    there. ``download`` lets torchvision fetch the pickled batches when neither is present.
+    """
+
+    kind: Literal["cifar10", "cifar100"] = "cifar10"
+    root: Path = Path("data/cifar10")
+    download: bool = False
+    format: Literal["auto", "torchvision", "imagefolder"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.kind == "cifar10" else 100
+
+    @property
+    def image_size(self) -> int:
+        return 32
+
+
+class ImageFolderData(_Frozen):
+    """Any ImageFolder tree: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
+
+    Tiny-ImageNet fits with ``test_dir: val`` once its ``val/`` is class-foldered.
+    """
+
+    kind: Literal["imagefolder"] = "imagefolder"
+    root: Path
+    train_dir: str = "train"
+    test_dir: str | None = "val"
+    num_classes: PosInt
+    image_size: Annotated[int, Field(ge=8)] = 64
+    mean: tuple[float, float, float] = (0.4802, 0.4481, 0.3975)
+    std: tuple[PosFloat, PosFloat, PosFloat] = (0.2770, 0.2691, 0.2821)
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+
+DataConfig = Annotated[CifarData | ImageFolderData, Field(discriminator="kind")]
+
+# ----------------------------------------------------------------------------- models
+
+
+class TeacherConfig(_Frozen):
+    """The ANN teacher. ``checkpoint: null`` means the teacher bundled with stars
+    (CIFAR-10 ResNet-20), which only exists for ``arch: resnet20`` on CIFAR-10."""
+
+    arch: TeacherArch = "resnet20"
+    checkpoint: Path | None = None
+
+
+class NeuronConfig(_Frozen):
+    """A multi-step spiking neuron (spikingjelly 2.x), DESIGN.md section 5.
+
+    ``v_reset: null`` selects soft reset (subtract the threshold); a number is a hard reset
+    to that potential. ``tau`` is ignored by ``if``; for ``plif`` it is the initial tau.
+    """
+
+    kind: Literal["lif", "if", "plif"] = "lif"
+    tau: Annotated[float, Field(gt=1.0)] = 2.0
+    v_threshold: PosFloat = 1.0
+    v_reset: float | None = 0.0
+    decay_input: bool = True
+    detach_reset: bool = False
+    surrogate: Literal["atan", "sigmoid"] = "atan"
+    surrogate_alpha: PosFloat = 2.0
+    backend: Literal["auto", "torch", "cupy", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _reset_below_threshold(self) -> NeuronConfig:
+        if self.v_reset is not None and self.v_reset >= self.v_threshold:
+            raise ValueError(
+                f"v_reset ({self.v_reset}) must be below v_threshold ({self.v_threshold})"
+            )
+        return self
+
+
+class StudentConfig(_Frozen):
+    """The spiking student: architecture, time steps ``T`` (direct encoding) and neuron."""
+
+    arch: StudentArch = "spiking_resnet18"
+    T: Annotated[int, Field(ge=1, le=64)] = 4
+    neuron: NeuronConfig = NeuronConfig()
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+class _SynthesisCommon(_Frozen):
+    batch_size: PosInt = 256
+    """Images per synthesized batch."""
+    bn_weight: NonNegFloat = 10.0
+    """lambda_bn: BN statistics matching (DeepInversion)."""
+    oh_weight: NonNegFloat = 0.4
+    """lambda_oh: cross-entropy of the teacher on the sampled labels."""
+    memory_size: PosInt = 51200
+    """Images kept in the memory bank the student reads from (oldest dropped first)."""
+
+
+class DeepInversionSynthesis(_SynthesisCommon):
+    """DeepInversion (Yin et al., CVPR 2020): images optimized directly in pixel space."""
+
+    kind: Literal["deepinversion"] = "deepinversion"
+    iterations: PosInt = 2000
+    lr: PosFloat = 0.1
+    bn_weight: NonNegFloat = 10.0
+    oh_weight: NonNegFloat = 1.0
+    adv_weight: NonNegFloat = 0.0
+    """Adaptive DeepInversion's competition term; 0 is plain DeepInversion."""
+    tv_l1_weight: NonNegFloat = 0.0
+    tv_l2_weight: NonNegFloat = 2.5e-5
+    l2_weight: NonNegFloat = 3e-8
+    jitter: Annotated[int, Field(ge=0)] = 2
+    flip: bool = True
+
+
+class DAFLSynthesis(_SynthesisCommon):
+    """DAFL (Chen et al., ICCV 2019): a generator trained on one-hot, activation and
+    information-entropy losses."""
+
+    kind: Literal["dafl"] = "dafl"
+    nz: PosInt = 256
+    lr_g: PosFloat = 1e-3
+    g_steps: PosInt = 1
+    bn_weight: NonNegFloat = 0.0
+    oh_weight: NonNegFloat = 1.0
+    act_weight: NonNegFloat = 0.1
+    ie_weight: NonNegFloat = 5.0
+
+
+class DFADSynthesis(_SynthesisCommon):
+    """DFAD (Fang et al., 2019): a generator maximizing the teacher-student L1 discrepancy."""
+
+    kind: Literal["dfad"] = "dfad"
+    nz: PosInt = 256
+    lr_g: PosFloat = 1e-3
+    g_steps: PosInt = 1
+    bn_weight: NonNegFloat = 0.0
+    oh_weight: NonNegFloat = 0.0
+
+
+class FastSynthesis(_SynthesisCommon):
+    """Fast (Fang et al., AAAI 2022): a meta-learned generator, a few steps per batch from
+    the shared initialization, BN + CE + adversarial masked KL, and a memory bank."""
+
+    kind: Literal["fast"] = "fast"
+    nz: PosInt = 256
+    g_steps: PosInt = 10
+    lr_g: PosFloat = 4e-3
+    lr_z: PosFloat = 0.01
+    adv_weight: NonNegFloat = 1.1
+    bn_weight: NonNegFloat = 10.0
+    oh_weight: NonNegFloat = 0.4
+    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    """Momentum of the batch statistics used in BN matching (Fast's ``bn_mmt``); 0 = none."""
+    meta: bool = True
+    """Reptile-style meta update of the shared generator (Fast's ``is_maml``)."""
+    reset_l0: bool = True
+    warmup_epochs: Annotated[int, Field(ge=0)] = 20
+    """Epochs of synthesis without the adversarial term and without KD (Fast's ``warmup``)."""
+
+
+SynthesisConfig = Annotated[
+    DeepInversionSynthesis | DAFLSynthesis | DFADSynthesis | FastSynthesis,
+    Field(discriminator="kind"),
+]
+
+# ----------------------------------------------------------------------------- STARS
+
+
+class RCAConfig(_Frozen):
+    """Relational Consistency Alignment (STARS), DESIGN.md section 4."""
+
+    weight: NonNegFloat = 0.0
+    """lambda_rca in the generator objective."""
+    role: Literal["adversarial", "align"] = "adversarial"
+    """``adversarial``: the generator maximizes L_rca (gated to agreed samples); ``align``:
+    it minimizes it."""
+    features: Literal["penultimate", "logits"] = "penultimate"
+    student_weight: NonNegFloat = 0.0
+    """beta_rca in the student objective."""
+    delta: PosFloat = 1e-4
+    """Safe-norm constant: n(z) = z / sqrt(|z|^2 + delta)."""
+
+
+class TARConfig(_Frozen):
+    """Tail-Aware Regularization (STARS), DESIGN.md section 4."""
+
+    weight: NonNegFloat = 0.0
+    kappas: tuple[PosFloat, ...] = (1.0, 2.0)
+    tau_rel: PosFloat = 0.1
+    source: Literal["gaussian-bn", "laplace-bn", "quantile", "student-vth"] = "gaussian-bn"
+    tail_masses: tuple[Probability, ...] = (0.159, 0.023)
+    """Target tail masses for ``source: quantile`` (one threshold per mass)."""
+    site: Literal["teacher", "student"] = "teacher"
+
+    @field_validator("kappas", "tail_masses")
+    @classmethod
+    def _non_empty(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("must hold at least one value")
+        return v
+
+
+class StarsConfig(_Frozen):
+    """The STARS plug-in. Both weights 0 (the default) is the plain baseline."""
+
+    rca: RCAConfig = RCAConfig()
+    tar: TARConfig = TARConfig()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rca.weight > 0 or self.rca.student_weight > 0 or self.tar.weight > 0
+
+# ----------------------------------------------------------------------------- training
+
+
+class SGDOptimizer(_Frozen):
+    kind: Literal["sgd"] = "sgd"
+    lr: PosFloat = 0.2
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: NonNegFloat = 1e-4
+    nesterov: bool = False
+
+
+class AdamOptimizer(_Frozen):
+    kind: Literal["adam", "adamw"] = "adam"
+    lr: PosFloat = 1e-3
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    weight_decay: NonNegFloat = 0.0
+
+
+OptimizerConfig = Annotated[SGDOptimizer | AdamOptimizer, Field(discriminator="kind")]
+
+
+class CosineSchedule(_Frozen):
+    kind: Literal["cosine"] = "cosine"
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    min_lr: NonNegFloat = 0.0
+
+
+class StepSchedule(_Frozen):
+    kind: Literal["step"] = "step"
+    milestones: tuple[PosInt, ...] = (100, 150)
+    gamma: Probability = 0.1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+
+class OneCycleSchedule(_Frozen):
+    kind: Literal["onecycle"] = "onecycle"
+    pct_start: Probability = 0.25
+
+
+class ConstantSchedule(_Frozen):
+    kind: Literal["constant"] = "constant"
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+
+ScheduleConfig = Annotated[
+    CosineSchedule | StepSchedule | OneCycleSchedule | ConstantSchedule,
+    Field(discriminator="kind"),
+]
+
+
+class DistillConfig(_Frozen):
+    """The student's side: Fast-style alternation of synthesis and KD per epoch."""
+
+    epochs: PosInt = 220
+    synthesis_steps_per_epoch: Annotated[int, Field(ge=0)] = 1
+    """Synthesized batches added to the memory bank each epoch (DeepInversion: all batches
+    are made before the first KD step)."""
+    kd_steps_per_epoch: Annotated[int, Field(ge=0)] = 400
+    batch_size: PosInt = 256
+    optimizer: OptimizerConfig = SGDOptimizer()
+    schedule: ScheduleConfig = CosineSchedule()
+    temperature: PosFloat = 20.0
+    loss: Literal["kd", "tet"] = "kd"
+    max_bad_steps: PosInt = 10
+    """Non-finite steps in a row before the run stops with a checkpoint."""
+
+
+class EvalConfig(_Frozen):
+    enabled: bool = True
+    every_epochs: PosInt = 10
+    batch_size: PosInt = 256
+    max_images: PosInt | None = None
+    """Evaluate on the first N test images only (quick checks); null = the whole split."""
+
+
+class TrainConfig(_Frozen):
+    """Supervised training of an ANN teacher on real data (``stars train-teacher``)."""
+
+    epochs: PosInt = 200
+    batch_size: PosInt = 128
+    optimizer: OptimizerConfig = SGDOptimizer(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    schedule: ScheduleConfig = CosineSchedule()
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_train_images: PosInt | None = None
+    """Train on the first N images only (quick checks); null = the whole split."""
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+
+
+class _RunCommon(_Frozen):
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Device = "auto"
+    """``auto`` = CUDA when available, else CPU."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    output_dir: Path = Path("runs")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    """Run directory name under ``output_dir``; null = ``<command>-<timestamp>``."""
+
+
+class RunConfig(_RunCommon):
+    """A data-free distillation run (``stars distill``)."""
+
+    data: DataConfig = CifarData()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    synthesis: SynthesisConfig = FastSynthesis()
+    stars: StarsConfig = StarsConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvalConfig = EvalConfig()
+
+
+class TeacherTrainConfig(_RunCommon):
+    """Supervised training of an ANN teacher (``stars train-teacher``)."""
+
+    data: DataConfig = CifarData()
+    teacher: TeacherConfig = TeacherConfig()
+    train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig(every_epochs=1)
+
+
+# ----------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its path and a YAML-parsed value (``6`` -> int 6,
+    ``[1, 2]`` -> list, ``null`` -> None, ``abc`` -> str)."""
+    key, sep, raw = text.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set student.T=6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``a.b.c=value`` override applied in order."""
+    import copy
+
+    out = copy.deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {text!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``path: message (given: value)``."""
+    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "<root>"
+        msg = err["msg"]
+        etype = err["type"]
+        given = err.get("input")
+        if etype == "extra_forbidden":
+            msg = "unknown key (not a field of this section; see `stars config schema`)"
+        elif etype == "union_tag_invalid":
+            ctx = err.get("ctx") or {}
+            msg = f"unknown kind {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+            given = None
+        elif etype == "union_tag_not_found":
+            msg = "missing `kind`, needed to choose the variant"
+            given = None
+        line = f"  {loc}: {msg}"
+        if given is not None and not isinstance(given, dict):
+            line += f" (given: {given!r})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic puts the chosen tag ('fast', 'cifar10', ...) into the location of errors
+    # inside a discriminated union; users know the path without it.
+    return isinstance(part, str) and part in _UNION_TAGS
+
+
+_UNION_TAGS = {
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+    "deepinversion",
+    "dafl",
+    "dfad",
+    "fast",
+    "sgd",
+    "adam",
+    "adamw",
+    "cosine",
+    "step",
+    "onecycle",
+    "constant",
+}
+
+
+def _validate(model: type[M], tree: dict[str, Any], source: str) -> M:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_tree(model: type[M], path: Path | None, overrides: list[str] | None = None) -> M:
+    """Load ``path`` (or the defaults when None), apply overrides, validate as one tree."""
+    tree = _read_yaml(path) if path is not None else {}
+    tree = apply_overrides(tree, list(overrides or []))
+    return _validate(model, tree, str(path) if path is not None else "config")
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a distillation run config; raises :class:`ConfigError` on any bad input."""
+    return load_tree(RunConfig, path, overrides)
+
+
+def load_teacher_config(path: Path | None, overrides: list[str] | None = None) -> TeacherTrainConfig:
+    """Load a teacher-training config; raises :class:`ConfigError` on any bad input."""
+    return load_tree(TeacherTrainConfig, path, overrides)
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML that :func:`load_tree` reads back to an equal model."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
