@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stars.errors import StarsError
+
 __all__ = [
     "AdamOptimizer",
     "CifarData",
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(StarsError, ValueError):
     """A configuration problem the user can fix; the message says where and how."""
 
 

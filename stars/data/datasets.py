@@ -1,0 +1,286 @@
+"""Real-image datasets: CIFAR-10/100 (torchvision) and ImageFolder trees (Tiny-ImageNet, custom).
+
+stars never needs real images to distill; these serve teacher training and evaluation.
+A missing dataset is a :class:`DataError` naming the path and the ways out, never a
+torchvision traceback. Images that cannot be decoded are skipped with a warning and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, assert_never
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from stars.config import CifarData, DataConfig, ImageFolderData
+from stars.errors import StarsError
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DataError",
+    "DataSource",
+    "build_data",
+    "eval_transform",
+    "train_transform",
+]
+
+log = logging.getLogger(__name__)
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+Stats = tuple[float, float, float]
+
+
+class DataError(StarsError):
+    """A dataset is missing or malformed."""
+
+
+def train_transform(image_size: int, mean: Stats, std: Stats) -> v2.Compose:
+    """Random crop with padding (size/8), horizontal flip, then normalization."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomCrop(image_size, padding=image_size // 8),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(image_size: int, mean: Stats, std: Stats) -> v2.Compose:
+    """Resize only when the stored size differs, then normalization."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+class SkippingImageFolder(datasets.ImageFolder):  # type: ignore[misc]
+    """ImageFolder that skips undecodable images (warns and counts) instead of failing.
+
+    Items whose file cannot be decoded are replaced by the next decodable item, and
+    ``num_skipped`` counts them (each file once).
+    """
+
+    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(root, transform=transform)
+        self.bad_files: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_files)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        for offset in range(n):
+            path, target = self.samples[(index + offset) % n]
+            try:
+                with Image.open(path) as img:
+                    sample = img.convert("RGB")
+            except (UnidentifiedImageError, OSError) as exc:
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    warnings.warn(f"skipping undecodable image {path}: {exc}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            return sample, int(target)
+        raise DataError(f"no decodable image in {self.root}")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A labelled image source with its normalization; implements ``DataSource`` protocol."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    mean: Stats
+    std: Stats
+    _train: Callable[[bool], Dataset[Any]]
+    _test: Callable[[], Dataset[Any]] | None
+
+    def train(self, augment: bool = True) -> Dataset[Any]:
+        """The training split; ``augment`` adds random crop and flip."""
+        return self._train(augment)
+
+    def test(self) -> Dataset[Any] | None:
+        """The test split, or None when the source has none."""
+        return self._test() if self._test is not None else None
+
+
+def _missing(cfg_root: Path, what: str, download_hint: bool) -> DataError:
+    ways = [f"point data.root at a folder holding {what} (--set data.root=PATH)"]
+    if download_hint:
+        ways.append("or allow torchvision to download it (--set data.download=true)")
+    return DataError(f"dataset not found at {cfg_root}: " + "; ".join(ways))
+
+
+def _image_folder(
+    root: Path, split: str, transform: Callable[[Any], Any], num_classes: int
+) -> SkippingImageFolder:
+    path = root / split
+    if not path.is_dir():
+        raise DataError(f"split folder missing: {path}")
+    try:
+        ds = SkippingImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"cannot read image folder {path}: {exc}") from None
+    if len(ds.classes) != num_classes:
+        raise DataError(
+            f"{path} has {len(ds.classes)} class folders, the config says "
+            f"{num_classes} classes"
+        )
+    return ds
+
+
+def _check_same_classes(train_root: Path, test_root: Path) -> None:
+    train_classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in test_root.iterdir() if p.is_dir())
+    missing = sorted(set(train_classes) - set(test_classes))
+    extra = sorted(set(test_classes) - set(train_classes))
+    if missing or extra:
+        raise DataError(
+            f"class folders differ between {train_root} and {test_root}: "
+            f"missing from test {missing}, only in test {extra}"
+        )
+
+
+def _cifar(cfg: CifarData) -> DataSource:
+    is10 = cfg.kind == "cifar10"
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
+    pickled = cfg.root / ("cifar-10-batches-py" if is10 else "cifar-100-python")
+    folder = (cfg.root / "train").is_dir() and (cfg.root / "test").is_dir()
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "imagefolder" if folder else "torchvision"
+    k = cfg.num_classes
+    if fmt == "imagefolder":
+        if not folder:
+            raise _missing(cfg.root, "train/ and test/ class folders", download_hint=False)
+        _check_same_classes(cfg.root / "train", cfg.root / "test")
+        return DataSource(
+            cfg.kind,
+            k,
+            32,
+            mean,
+            std,
+            lambda aug: _image_folder(
+                cfg.root,
+                "train",
+                train_transform(32, mean, std) if aug else eval_transform(32, mean, std),
+                k,
+            ),
+            lambda: _image_folder(cfg.root, "test", eval_transform(32, mean, std), k),
+        )
+    if not pickled.is_dir() and not cfg.download:
+        raise _missing(
+            cfg.root,
+            f"torchvision's {pickled.name}/ or an ImageFolder tree with train/ and test/",
+            download_hint=True,
+        )
+    tv_cls = datasets.CIFAR10 if is10 else datasets.CIFAR100
+
+    def make(train: bool, transform: Callable[[Any], Any]) -> Dataset[Any]:
+        try:
+            ds: Dataset[Any] = tv_cls(
+                str(cfg.root), train=train, transform=transform, download=cfg.download
+            )
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"cannot load {cfg.kind} from {cfg.root}: {exc}") from None
+        return ds
+
+    return DataSource(
+        cfg.kind,
+        k,
+        32,
+        mean,
+        std,
+        lambda aug: make(
+            True, train_transform(32, mean, std) if aug else eval_transform(32, mean, std)
+        ),
+        lambda: make(False, eval_transform(32, mean, std)),
+    )
+
+
+def _folder(cfg: ImageFolderData) -> DataSource:
+    if not (cfg.root / cfg.train_dir).is_dir():
+        raise _missing(cfg.root, f"a {cfg.train_dir}/ folder of class folders", False)
+    size, mean, std = cfg.image_size, cfg.mean, cfg.std
+    test_fn: Callable[[], Dataset[Any]] | None = None
+    if cfg.test_dir is not None:
+        test_dir = cfg.test_dir
+        if not (cfg.root / test_dir).is_dir():
+            raise DataError(
+                f"test split folder missing: {cfg.root / test_dir} "
+                "(set data.test_dir to the right folder, or null for none)"
+            )
+        _check_same_classes(cfg.root / cfg.train_dir, cfg.root / test_dir)
+
+        def test_fn() -> Dataset[Any]:
+            return _image_folder(cfg.root, test_dir, eval_transform(size, mean, std), k)
+
+    k = cfg.num_classes
+    return DataSource(
+        "imagefolder",
+        k,
+        size,
+        mean,
+        std,
+        lambda aug: _image_folder(
+            cfg.root,
+            cfg.train_dir,
+            train_transform(size, mean, std) if aug else eval_transform(size, mean, std),
+            k,
+        ),
+        test_fn,
+    )
+
+
+def build_data(cfg: DataConfig) -> DataSource:
+    """The data source a config describes; raises :class:`DataError` when it is missing."""
+    match cfg:
+        case CifarData():
+            return _cifar(cfg)
+        case ImageFolderData():
+            return _folder(cfg)
+        case _:
+            assert_never(cfg)
+
+
+def first_n(ds: Dataset[Any], n: int | None) -> Dataset[Any]:
+    """The first ``n`` items of ``ds`` (all when ``n`` is None or larger than the set)."""
+    size = len(ds)  # type: ignore[arg-type]
+    if n is None or n >= size:
+        return ds
+    return Subset(ds, range(n))
+
+
+def stratified_subset(ds: Dataset[Any], n: int | None, seed: int = 0) -> Dataset[Any]:
+    """A random subset of ``n`` items (fixed by ``seed``); all items when ``n`` is None."""
+    size = len(ds)  # type: ignore[arg-type]
+    if n is None or n >= size:
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(size, generator=g)[:n].sort().values.tolist()
+    return Subset(ds, idx)

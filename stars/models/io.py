@@ -1,0 +1,154 @@
+"""Model weights on disk: safetensors plus a JSON metadata sidecar. Nothing is ever unpickled.
+
+``save_model(model, path, meta)`` writes ``path`` (``*.safetensors``, the metadata is also put
+in the safetensors header) and ``path.with_suffix(".json")``. ``load_model_weights`` checks the
+architecture and class count recorded there against what the caller expects before loading.
+Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from stars.errors import StarsError
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "load_model_weights",
+    "read_metadata",
+    "save_model",
+]
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar"}
+
+
+class CheckpointError(StarsError):
+    """A weights file is missing, unsafe, corrupted or does not fit the model."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(model: nn.Module, path: Path, meta: Mapping[str, Any]) -> None:
+    """Save ``model``'s state dict as safetensors at ``path`` and ``meta`` beside it as JSON."""
+    from safetensors.torch import save
+
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    atomic_write_bytes(path, save(_state_tensors(model), metadata=header))
+    atomic_write_bytes(
+        path.with_suffix(".json"), (json.dumps(dict(meta), indent=2) + "\n").encode()
+    )
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing a pickle-based checkpoint ({path.suffix}); loading it could run "
+            "arbitrary code. If you trust it, convert it once with "
+            "`stars convert-checkpoint FILE OUT.safetensors`, which reads it with "
+            "torch.load(weights_only=True) and writes safetensors."
+        )
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a weights file: the JSON sidecar, else the safetensors header."""
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{sidecar}: metadata is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{sidecar}: metadata must be a JSON object")
+        return data
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return {k: json.loads(v) for k, v in header.items()}
+
+
+def load_model_weights(
+    model: nn.Module,
+    path: Path,
+    *,
+    expect: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load safetensors weights into ``model`` after checking metadata against ``expect``.
+
+    Args:
+        model: the freshly built model to fill.
+        path: a ``.safetensors`` file (a pickle file is refused).
+        expect: metadata fields that must match, e.g. ``{"arch": "resnet20", "num_classes": 10}``.
+
+    Returns:
+        The file's metadata.
+    """
+    meta = read_metadata(path)
+    for key, want in (expect or {}).items():
+        have = meta.get(key)
+        if have is not None and have != want:
+            raise CheckpointError(
+                f"{path}: checkpoint has {key}={have!r} but the config asks for {want!r}"
+            )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: truncated or corrupted safetensors file ({exc})"
+        ) from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad_shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(tensors))
+        if tensors[k].shape != own[k].shape
+    ]
+    if missing or unexpected or bad_shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                f"shape mismatch {bad_shapes[:3]}" if bad_shapes else "",
+            )
+            if part
+        )
+        raise CheckpointError(f"{path}: weights do not fit the model ({detail})")
+    model.load_state_dict(tensors)
+    return meta
+

@@ -1,0 +1,117 @@
+"""Run-level plumbing shared by commands: device, seeding, precision, run directories, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from stars.errors import StarsError
+
+__all__ = [
+    "MetricsLog",
+    "autocast",
+    "make_run_dir",
+    "resolve_device",
+    "seed_everything",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; a CUDA device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StarsError(f"device {name!r} requested but CUDA is not available; use device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise StarsError("device 'mps' requested but MPS is not available; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """An autocast context for ``bf16``/``fp16``; a no-op for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_run_dir(
+    output_dir: Path, name: str | None, prefix: str, *, overwrite: bool = False
+) -> Path:
+    """Create the run directory ``output_dir/name`` (or ``prefix-YYYYmmdd-HHMMSS``).
+
+    An existing non-empty directory is refused unless ``overwrite``: nothing is lost.
+    """
+    run = output_dir / (name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise StarsError(
+            f"run directory {run} already exists; pass --resume {run} to continue it, "
+            "--overwrite to replace it, or choose another `name`"
+        )
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StarsError(f"cannot write to run directory {run}: {exc.strerror or exc}") from None
+    return run
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: TextIO = path.open("a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._fh.write(json.dumps(dict(record), default=_jsonable) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(x: object) -> object:
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,212 @@
+"""Supervised training of an ANN teacher on real images (``stars train-teacher``).
+
+SGD with momentum (Nesterov optional), cosine / one-cycle / step schedule with warm-up,
+optional label smoothing; a rich progress bar, ``metrics.jsonl``, top-1 on the test split
+after each evaluation epoch; the weights as safetensors with a metadata sidecar.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, assert_never
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from stars.config import (
+    AdamOptimizer,
+    ConstantSchedule,
+    CosineSchedule,
+    OneCycleSchedule,
+    OptimizerConfig,
+    ScheduleConfig,
+    SGDOptimizer,
+    StepSchedule,
+    TeacherTrainConfig,
+    dump_yaml,
+)
+from stars.data.datasets import build_data, stratified_subset
+from stars.evaluation import top1
+from stars.models.io import save_model
+from stars.models.teachers import build_teacher_arch
+from stars.runtime import MetricsLog, autocast, make_run_dir, resolve_device, seed_everything
+
+__all__ = ["TeacherResult", "build_optimizer", "build_scheduler", "train_teacher"]
+
+
+def build_optimizer(cfg: OptimizerConfig, params: Any) -> torch.optim.Optimizer:
+    """The optimizer a config names."""
+    match cfg:
+        case SGDOptimizer():
+            return torch.optim.SGD(
+                params,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                nesterov=cfg.nesterov and cfg.momentum > 0,
+            )
+        case AdamOptimizer():
+            cls = torch.optim.AdamW if cfg.kind == "adamw" else torch.optim.Adam
+            return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        case _:
+            assert_never(cfg)
+
+
+def build_scheduler(
+    cfg: ScheduleConfig, opt: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step LR schedule over ``epochs * steps_per_epoch`` steps (warm-up is linear)."""
+    total = max(1, epochs * steps_per_epoch)
+    if isinstance(cfg, OneCycleSchedule):
+        max_lrs = [g["lr"] for g in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start
+        )
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        match cfg:
+            case CosineSchedule():
+                base = opt.defaults["lr"]
+                floor = cfg.min_lr / base if base > 0 else 0.0
+                progress = (step - warm) / max(1, total - warm)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            case StepSchedule():
+                epoch = step // max(1, steps_per_epoch)
+                return float(cfg.gamma ** sum(epoch >= m for m in cfg.milestones))
+            case ConstantSchedule():
+                return 1.0
+            case _:
+                assert_never(cfg)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    """The progress bar style shared by long-running commands."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    run_dir: Path
+    weights: Path
+    test_top1: float | None
+    seconds: float
+
+
+def train_teacher(
+    cfg: TeacherTrainConfig, *, overwrite: bool = False, console: Console | None = None
+) -> TeacherResult:
+    """Train the configured teacher; returns where the weights went and the test top-1."""
+    console = console or Console()
+    device = resolve_device(cfg.device)
+    source = build_data(cfg.data)
+    train_set = stratified_subset(source.train(augment=True), cfg.train.max_train_images, cfg.seed)
+    test_set = source.test() if cfg.evaluation.enabled else None
+    if test_set is not None:
+        test_set = stratified_subset(test_set, cfg.evaluation.max_images, 0)
+    run = make_run_dir(cfg.output_dir, cfg.name, "train-teacher", overwrite=overwrite)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    seed_everything(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.train.batch_size,  # type: ignore[arg-type]
+        num_workers=cfg.data.num_workers,
+        generator=g,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    test_loader = (
+        DataLoader(test_set, batch_size=cfg.evaluation.batch_size, num_workers=cfg.data.num_workers)
+        if test_set is not None
+        else None
+    )
+    model = build_teacher_arch(
+        cfg.teacher.arch, num_classes=source.num_classes, image_size=source.image_size
+    ).to(device, memory_format=torch.channels_last)
+    opt = build_optimizer(cfg.train.optimizer, model.parameters())
+    sched = build_scheduler(
+        cfg.train.schedule, opt, epochs=cfg.train.epochs, steps_per_epoch=len(loader)
+    )
+    scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and device.type == "cuda")
+    start = time.time()
+    acc: float | None = None
+    if test_loader is None:
+        console.print("[yellow]No test split configured: skipping evaluation.[/]")
+    with MetricsLog(run / "metrics.jsonl") as metrics, progress_bar(console) as bar:
+        task = bar.add_task("train-teacher", total=cfg.train.epochs * len(loader), info="")
+        for epoch in range(cfg.train.epochs):
+            model.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                y = y.to(device, non_blocking=True)
+                with autocast(device, cfg.precision):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                loss_sum += float(loss.detach()) * y.numel()
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += y.numel()
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss_sum / seen:.3f}")
+            record: dict[str, Any] = {
+                "event": "train",
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(seen, 1),
+                "train_top1": 100.0 * correct / max(seen, 1),
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.time() - start,
+            }
+            last = epoch + 1 == cfg.train.epochs
+            if test_loader is not None and (last or (epoch + 1) % cfg.evaluation.every_epochs == 0):
+                acc = top1(model, test_loader, device)
+                record["test_top1"] = acc
+                bar.console.print(f"epoch {epoch + 1}: test top-1 {acc:.2f}%")
+            metrics.write(record)
+    weights = run / "teacher.safetensors"
+    save_model(
+        model,
+        weights,
+        {
+            "kind": "teacher",
+            "arch": cfg.teacher.arch,
+            "num_classes": source.num_classes,
+            "image_size": source.image_size,
+            "dataset": source.name,
+            "mean": list(source.mean),
+            "std": list(source.std),
+            "test_top1": acc,
+            "epochs": cfg.train.epochs,
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
+    seconds = time.time() - start
+    summary = {"weights": str(weights), "test_top1": acc, "seconds": seconds}
+    import json
+
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return TeacherResult(run, weights, acc, seconds)
