@@ -13,8 +13,8 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
-from rich.pretty import Pretty
 from rich.panel import Panel
+from rich.pretty import Pretty
 
 from stars import __version__
 from stars.config import RunConfig, TeacherTrainConfig, load_config, load_teacher_config
@@ -81,9 +81,7 @@ def _load_any(path: Path, overrides: list[str] | None, teacher: bool) -> Any:
     return (load_teacher_config if teacher else load_config)(path, overrides or [])
 
 
-TeacherFlag = Annotated[
-    bool, typer.Option("--teacher", help="Validate as a train-teacher config.")
-]
+TeacherFlag = Annotated[bool, typer.Option("--teacher", help="Validate as a train-teacher config.")]
 
 
 @config_app.command("validate")
@@ -126,4 +124,3 @@ def main() -> None:  # pragma: no cover - console entry for `python -m stars.cli
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

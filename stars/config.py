@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stars.errors import StarsError
 
@@ -64,6 +73,25 @@ class ConfigError(StarsError, ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _kind_of(default: str, tags: dict[str, str] | None = None) -> Discriminator:
+    """Discriminate a union on ``kind``; a missing ``kind`` means ``default``.
+
+    ``tags`` maps kinds to the tag of the member that carries several kinds
+    (``cifar10``/``cifar100`` -> ``cifar``).
+    """
+    mapping = tags or {}
+
+    def pick(value: Any) -> str:
+        kind = (
+            value.get("kind", default)
+            if isinstance(value, dict)
+            else getattr(value, "kind", default)
+        )
+        return mapping.get(str(kind), str(kind))
+
+    return Discriminator(pick)
 
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -136,7 +164,10 @@ class ImageFolderData(_Frozen):
     num_workers: Annotated[int, Field(ge=0)] = 0
 
 
-DataConfig = Annotated[CifarData | ImageFolderData, Field(discriminator="kind")]
+DataConfig = Annotated[
+    Annotated[CifarData, Tag("cifar")] | Annotated[ImageFolderData, Tag("imagefolder")],
+    _kind_of("cifar10", {"cifar10": "cifar", "cifar100": "cifar"}),
+]
 
 # ----------------------------------------------------------------------------- models
 
@@ -165,6 +196,9 @@ class NeuronConfig(_Frozen):
     surrogate: Literal["atan", "sigmoid"] = "atan"
     surrogate_alpha: PosFloat = 2.0
     backend: Literal["auto", "torch", "cupy", "triton"] = "auto"
+    """spikingjelly 2 picks its CUDA kernels (then Triton, then torch) itself on GPU: ``auto``;
+    ``torch`` forces the pure-PyTorch path; ``cupy`` (its CUDA kernels) / ``triton`` warn
+    when spikingjelly picked another one."""
 
     @model_validator(mode="after")
     def _reset_below_threshold(self) -> NeuronConfig:
@@ -181,6 +215,7 @@ class StudentConfig(_Frozen):
     arch: StudentArch = "spiking_resnet18"
     T: Annotated[int, Field(ge=1, le=64)] = 4
     neuron: NeuronConfig = NeuronConfig()
+
 
 # ----------------------------------------------------------------------------- synthesis
 
@@ -260,8 +295,11 @@ class FastSynthesis(_SynthesisCommon):
 
 
 SynthesisConfig = Annotated[
-    DeepInversionSynthesis | DAFLSynthesis | DFADSynthesis | FastSynthesis,
-    Field(discriminator="kind"),
+    Annotated[DeepInversionSynthesis, Tag("deepinversion")]
+    | Annotated[DAFLSynthesis, Tag("dafl")]
+    | Annotated[DFADSynthesis, Tag("dfad")]
+    | Annotated[FastSynthesis, Tag("fast")],
+    _kind_of("fast"),
 ]
 
 # ----------------------------------------------------------------------------- STARS
@@ -311,6 +349,7 @@ class StarsConfig(_Frozen):
     def enabled(self) -> bool:
         return self.rca.weight > 0 or self.rca.student_weight > 0 or self.tar.weight > 0
 
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -329,7 +368,10 @@ class AdamOptimizer(_Frozen):
     weight_decay: NonNegFloat = 0.0
 
 
-OptimizerConfig = Annotated[SGDOptimizer | AdamOptimizer, Field(discriminator="kind")]
+OptimizerConfig = Annotated[
+    Annotated[SGDOptimizer, Tag("sgd")] | Annotated[AdamOptimizer, Tag("adam")],
+    _kind_of("sgd", {"adamw": "adam"}),
+]
 
 
 class CosineSchedule(_Frozen):
@@ -356,8 +398,11 @@ class ConstantSchedule(_Frozen):
 
 
 ScheduleConfig = Annotated[
-    CosineSchedule | StepSchedule | OneCycleSchedule | ConstantSchedule,
-    Field(discriminator="kind"),
+    Annotated[CosineSchedule, Tag("cosine")]
+    | Annotated[StepSchedule, Tag("step")]
+    | Annotated[OneCycleSchedule, Tag("onecycle")]
+    | Annotated[ConstantSchedule, Tag("constant")],
+    _kind_of("cosine"),
 ]
 
 
@@ -391,7 +436,9 @@ class TrainConfig(_Frozen):
 
     epochs: PosInt = 200
     batch_size: PosInt = 128
-    optimizer: OptimizerConfig = SGDOptimizer(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    optimizer: OptimizerConfig = SGDOptimizer(
+        lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
     schedule: ScheduleConfig = CosineSchedule()
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_train_images: PosInt | None = None
@@ -494,7 +541,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -529,6 +578,7 @@ def _is_union_tag(part: int | str) -> bool:
 
 
 _UNION_TAGS = {
+    "cifar",
     "cifar10",
     "cifar100",
     "imagefolder",
@@ -565,7 +615,9 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
     return load_tree(RunConfig, path, overrides)
 
 
-def load_teacher_config(path: Path | None, overrides: list[str] | None = None) -> TeacherTrainConfig:
+def load_teacher_config(
+    path: Path | None, overrides: list[str] | None = None
+) -> TeacherTrainConfig:
     """Load a teacher-training config; raises :class:`ConfigError` on any bad input."""
     return load_tree(TeacherTrainConfig, path, overrides)
 

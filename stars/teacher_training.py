@@ -143,7 +143,8 @@ def train_teacher(
     )
     model = build_teacher_arch(
         cfg.teacher.arch, num_classes=source.num_classes, image_size=source.image_size
-    ).to(device, memory_format=torch.channels_last)
+    ).to(device)
+    model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg.train.optimizer, model.parameters())
     sched = build_scheduler(
         cfg.train.schedule, opt, epochs=cfg.train.epochs, steps_per_epoch=len(loader)
@@ -165,7 +166,7 @@ def train_teacher(
                     logits = model(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                torch.autograd.backward(scaler.scale(loss))
                 scaler.step(opt)
                 scaler.update()
                 sched.step()

@@ -148,8 +148,7 @@ def _image_folder(
         raise DataError(f"cannot read image folder {path}: {exc}") from None
     if len(ds.classes) != num_classes:
         raise DataError(
-            f"{path} has {len(ds.classes)} class folders, the config says "
-            f"{num_classes} classes"
+            f"{path} has {len(ds.classes)} class folders, the config says {num_classes} classes"
         )
     return ds
 

@@ -12,7 +12,7 @@ from stars.errors import StarsError
 from stars.models.io import load_model_weights
 from stars.models.teachers import ANNTeacher, build_teacher_arch
 
-__all__ = ["BUNDLED_TEACHER", "bundled_teacher_path", "build_teacher", "freeze"]
+__all__ = ["BUNDLED_TEACHER", "build_teacher", "bundled_teacher_path", "freeze"]
 
 BUNDLED_TEACHER = "resnet20_cifar10.safetensors"
 """The CIFAR-10 ResNet-20 teacher shipped in ``stars/assets`` (see README for its accuracy)."""

@@ -127,9 +127,7 @@ def load_model_weights(
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: truncated or corrupted safetensors file ({exc})"
-        ) from None
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({exc})") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -151,4 +149,3 @@ def load_model_weights(
         raise CheckpointError(f"{path}: weights do not fit the model ({detail})")
     model.load_state_dict(tensors)
     return meta
-

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "TEACHER_PRESETS",
+    "VGG",
     "ANNTeacher",
     "CifarResNet",
     "ResNet",
-    "VGG",
     "WideResNet",
     "build_teacher_arch",
 ]
@@ -50,7 +50,8 @@ class ANNTeacher(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[N, C, H, W]`` -> logits ``[N, K]``."""
-        return self.fc(self.penultimate(x))
+        logits: Tensor = self.fc(self.penultimate(x))
+        return logits
 
     def bn_layers(self) -> list[nn.BatchNorm2d]:
         """Every BatchNorm2d, in forward order (module registration order follows it)."""
@@ -145,7 +146,24 @@ _VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [
-        64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
     ],
 }
 
@@ -199,7 +217,9 @@ class _WideBlock(nn.Module):
         o = torch.relu(self.bn1(x))
         y = self.conv1(o)
         y = self.conv2(torch.relu(self.bn2(y)))
-        return y + (self.shortcut(o) if self.shortcut is not None else x)
+        skip: Tensor = self.shortcut(o) if self.shortcut is not None else x
+        out: Tensor = y + skip
+        return out
 
 
 class WideResNet(ANNTeacher):

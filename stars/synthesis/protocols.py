@@ -16,12 +16,15 @@ class SynthesisStep:
     Attributes:
         images: ``[N, C, H, W]`` in the teacher's normalized input space, detached.
         labels: ``[N]`` the class labels the images were synthesized for.
-        losses: each objective term by name (unweighted, detached floats), and ``total``.
+        losses: each objective term by name (unweighted, detached floats) of the last inner
+            iteration, and ``total`` (weighted).
+        trace: the weighted objective at every inner iteration, in order.
     """
 
     images: Tensor
     labels: Tensor
     losses: Mapping[str, float] = field(default_factory=dict)
+    trace: tuple[float, ...] = ()
 
 
 @runtime_checkable

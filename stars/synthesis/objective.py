@@ -1,0 +1,265 @@
+"""The generator objective shared by every synthesizer, with the STARS plug-in.
+
+``L_G = l_bn L_bn + l_oh L_oh + l_adv L_adv + l_rca (±L_rca) + l_tar L_tar``
+(DESIGN.md section 4), plus the baselines' own terms (DAFL's activation and information
+entropy, DFAD's L1 discrepancy, DeepInversion's image priors). A term whose weight is 0 is
+not added to the loss, so with ``lambda_rca = lambda_tar = 0`` the loss graph, the gradients
+and hence the images are those of the baseline, bit for bit. Such terms are still
+*measured* (under ``no_grad``, no random numbers drawn) when ``measure_inactive`` is set, so
+a baseline run logs the TAR and RCA values it would have had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from stars.config import StarsConfig
+from stars.synthesis import losses as L
+from stars.synthesis.priors import (
+    BNPrior,
+    FeatureTap,
+    TailPrior,
+    batch_stats,
+    extract_bn_prior,
+    extract_tail_prior,
+)
+
+__all__ = ["ObjectiveOutput", "SynthesisObjective", "TermWeights", "frozen"]
+
+Stats = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class TermWeights:
+    """Weights of the baseline terms (the STARS weights live in :class:`StarsConfig`)."""
+
+    bn: float = 0.0
+    oh: float = 0.0
+    adv: float = 0.0
+    """Fast/CMI masked KL (the generator maximizes the disagreement)."""
+    dfad: float = 0.0
+    """DFAD: the generator maximizes ``mean |t - s|``."""
+    act: float = 0.0
+    ie: float = 0.0
+    tv_l1: float = 0.0
+    tv_l2: float = 0.0
+    l2: float = 0.0
+    pseudo_labels: bool = False
+    """DAFL: the class term uses the teacher's own argmax instead of sampled labels."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """The weighted total, each term unweighted (``Tensor`` with graph where active), the
+    teacher's logits and the batch statistics of the teacher's BN inputs."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    t_logits: Tensor
+    stats: list[Stats] = field(default_factory=list)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside the block; both restored on exit.
+
+    Used for the student during synthesis: its parameters, gradients and BN running
+    statistics are left exactly as they were.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class SynthesisObjective:
+    """Computes ``L_G`` for a batch of images.
+
+    Args:
+        teacher: a frozen teacher (``forward_features`` and ``bn_layers()``).
+        weights: the baseline's term weights.
+        stars: the STARS plug-in configuration.
+        student_vth: the student's firing threshold (for ``tar.source: student-vth``).
+        bn_momentum: Fast's ``bn_mmt`` (0: match raw batch statistics).
+        measure_inactive: also measure zero-weight STARS terms, without gradient.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        weights: TermWeights,
+        stars: StarsConfig,
+        student_vth: float | None = None,
+        bn_momentum: float = 0.0,
+        measure_inactive: bool = True,
+    ) -> None:
+        self.teacher = teacher
+        self.weights = weights
+        self.stars = stars
+        self.student_vth = student_vth
+        self.bn_momentum = bn_momentum
+        self.measure_inactive = measure_inactive
+        self.bn_layers: list[nn.Module] = list(teacher.bn_layers())  # type: ignore[operator]
+        self.bn_prior: BNPrior = extract_bn_prior(self.bn_layers)
+        self.tail_prior: TailPrior | None = None
+        if stars.tar.site == "teacher":
+            self.tail_prior = extract_tail_prior(self.bn_prior, stars.tar, student_vth=student_vth)
+        self.momentum_state: list[Stats] | None = None
+
+    def to(self, device: torch.device) -> SynthesisObjective:
+        """Move the priors to ``device``."""
+        self.bn_prior = self.bn_prior.to(device)
+        if self.tail_prior is not None:
+            self.tail_prior = self.tail_prior.to(device)
+        if self.momentum_state is not None:
+            self.momentum_state = [(m.to(device), v.to(device)) for m, v in self.momentum_state]
+        return self
+
+    @property
+    def needs_student(self) -> bool:
+        w, s = self.weights, self.stars
+        return w.adv > 0 or w.dfad > 0 or s.rca.weight > 0 or s.tar.site == "student"
+
+    def update_momentum(self, stats: list[Stats]) -> None:
+        """Fast: fold a finished batch's statistics into the running estimate."""
+        if self.bn_momentum <= 0:
+            return
+        detached = [(m.detach(), v.detach()) for m, v in stats]
+        self.momentum_state = L.momentum_stats(
+            detached, self.momentum_state, momentum=self.bn_momentum
+        )
+
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        student: nn.Module | None,
+        *,
+        student_active: bool = True,
+        grad_inactive: bool = False,
+    ) -> ObjectiveOutput:
+        """``L_G`` for images ``x [N, C, H, W]`` and labels ``y [N]``.
+
+        ``student`` is run (frozen by the caller) only when a term needs it and
+        ``student_active`` (Fast turns the adversarial terms off during warm-up).
+        ``grad_inactive`` keeps the graph of zero-weight STARS terms (for :meth:`grad_norms`).
+        """
+        w, cfg = self.weights, self.stars
+        with FeatureTap(self.bn_layers) as tap:
+            t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
+            acts = [tap[m] for m in self.bn_layers]
+        stats = [batch_stats(a) for a in acts]
+        terms: dict[str, Tensor] = {}
+        active: dict[str, float] = {}
+
+        def add(name: str, value: Tensor, weight: float) -> None:
+            terms[name] = value
+            if weight != 0.0:
+                active[name] = weight
+
+        add(
+            "bn",
+            L.bn_matching(
+                stats, self.bn_prior, previous=self.momentum_state, momentum=self.bn_momentum
+            ),
+            w.bn,
+        )
+        targets = t_logits.argmax(1).detach() if w.pseudo_labels else y
+        add("oh", L.class_cross_entropy(t_logits, targets), w.oh)
+        if w.act:
+            add("act", L.dafl_activation(t_feats), w.act)
+        if w.ie:
+            add("ie", L.dafl_information_entropy(t_logits), w.ie)
+        if w.tv_l1:
+            add("tv_l1", L.total_variation(x, p=1), w.tv_l1)
+        if w.tv_l2:
+            add("tv_l2", L.total_variation(x, p=2), w.tv_l2)
+        if w.l2:
+            add("l2", L.image_l2(x), w.l2)
+
+        s_feats: Tensor | None = None
+        s_logits: Tensor | None = None
+        s_acts: list[Tensor] = []
+        if student is not None and student_active and self.needs_student:
+            s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []  # type: ignore[operator]
+            with FeatureTap(s_bns) as s_tap:
+                s_feats_seq, s_logits_seq = student.forward_features(x)  # type: ignore[operator]
+                s_acts = [s_tap[m] for m in s_bns]
+            s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
+            if w.adv:
+                add("adv", L.adversarial_masked_kl(t_logits, s_logits), w.adv)
+            if w.dfad:
+                add("dfad", -L.dfad_l1(t_logits, s_logits), w.dfad)
+
+        # ---- STARS: RCA
+        if s_feats is not None and s_logits is not None:
+            use_logits = cfg.rca.features == "logits"
+            z_t = t_logits if use_logits else t_feats
+            z_s = s_logits if use_logits else s_feats
+            rca_w = cfg.rca.weight
+            if rca_w > 0 or self.measure_inactive:
+                with torch.set_grad_enabled(
+                    (rca_w > 0 or grad_inactive) and torch.is_grad_enabled()
+                ):
+                    if cfg.rca.role == "adversarial":
+                        rca = L.rca_adversarial(z_t, z_s, t_logits, s_logits, delta=cfg.rca.delta)
+                    else:
+                        rca = L.rca_loss(z_t, z_s, delta=cfg.rca.delta)
+                add("rca", rca, rca_w)
+
+        # ---- STARS: TAR
+        tar_w = cfg.tar.weight
+        if tar_w > 0 or self.measure_inactive:
+            prior, feats = self.tail_prior, acts
+            if cfg.tar.site == "student":
+                prior, feats = None, s_acts
+                if student is not None and s_acts:
+                    s_prior = extract_bn_prior(student.bn_layers())  # type: ignore[operator]
+                    prior = extract_tail_prior(
+                        s_prior.to(x.device), cfg.tar, student_vth=self.student_vth
+                    )
+            if prior is not None:
+                with torch.set_grad_enabled(
+                    (tar_w > 0 or grad_inactive) and torch.is_grad_enabled()
+                ):
+                    add("tar", L.tar_loss(feats, prior), tar_w)
+
+        total = torch.zeros((), device=x.device)
+        for name, weight in active.items():
+            total = total + weight * terms[name]
+        return ObjectiveOutput(total, terms, t_logits, stats)
+
+    def grad_norms(self, x: Tensor, y: Tensor, student: nn.Module | None) -> Mapping[str, float]:
+        """The norm of each term's gradient on ``x`` (weighted as in ``L_G``, STARS terms at
+        weight 1 when off). Logged at the start of synthesis to calibrate the STARS weights
+        against the BN term."""
+        x = x.detach().requires_grad_(True)
+        out = self(x, y, student, grad_inactive=True)
+        weights = {
+            "bn": self.weights.bn,
+            "oh": self.weights.oh,
+            "adv": self.weights.adv,
+            "rca": self.stars.rca.weight or 1.0,
+            "tar": self.stars.tar.weight or 1.0,
+        }
+        norms: dict[str, float] = {}
+        for name, weight in weights.items():
+            term = out.terms.get(name)
+            if term is None or not term.requires_grad or weight == 0:
+                continue
+            (g,) = torch.autograd.grad(term * weight, x, retain_graph=True, allow_unused=True)
+            norms[name] = 0.0 if g is None else float(g.norm())
+        return norms
