@@ -118,6 +118,96 @@ def train_teacher_cmd(
     )
 
 
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Continue the run in this directory from its checkpoint."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing run directory.")
+]
+
+
+@app.command()
+@user_errors
+def distill(
+    path: ConfigArg,
+    set_: SetOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Distill the teacher into a spiking student from synthetic data (Fast/DeepInversion/
+    DAFL/DFAD, with STARS when its weights are set)."""
+    from stars.pipeline import Interrupted, run_distill
+
+    cfg = load_config(path, set_ or [])
+    try:
+        run_distill(cfg, resume=resume, overwrite=overwrite, console=console)
+    except Interrupted as exc:
+        raise typer.Exit(130 if exc.signum == 2 else 0) from None
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A teacher or student .safetensors file.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset root (default: the one in the checkpoint's config)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    max_images: Annotated[
+        int | None, typer.Option(help="Evaluate on a fixed random subset of this size.")
+    ] = None,
+) -> None:
+    """Top-1 of a teacher; for a student also firing rates, SynOps and energy."""
+    from stars.evaluate_cmd import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        checkpoint, data=data, device=device, max_images=max_images, console=console
+    )
+
+
+@app.command()
+@user_errors
+def synthesize(
+    path: ConfigArg,
+    num: Annotated[int, typer.Option("--num", min=1, help="How many images to write.")] = 64,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synthetic"),
+    set_: SetOpt = None,
+) -> None:
+    """Synthesize images from the teacher alone (no student) and write PNGs and a grid."""
+    from stars.synth_cmd import synthesize_images
+
+    cfg = load_config(path, set_ or [])
+    synthesize_images(cfg, num=num, out=out, console=console)
+
+
+@app.command()
+@user_errors
+def ablate(
+    path: ConfigArg,
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: baseline, rca, tar, stars.")
+    ] = "baseline,rca,tar,stars",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant (0..N-1).")] = 3,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the table (default: output_dir/ablate-NAME).")
+    ] = None,
+) -> None:
+    """Run baseline vs +RCA vs +TAR vs STARS over seeds; print mean and std of top-1."""
+    from stars.ablate import run_ablation
+
+    cfg = load_config(path, set_ or [])
+    run_ablation(
+        cfg,
+        variants=[v.strip() for v in variants.split(",") if v.strip()],
+        seeds=seeds,
+        out=out,
+        console=console,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m stars.cli`
     app()
 

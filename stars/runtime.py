@@ -12,6 +12,14 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from stars.errors import StarsError
 
@@ -19,6 +27,7 @@ __all__ = [
     "MetricsLog",
     "autocast",
     "make_run_dir",
+    "progress_bar",
     "resolve_device",
     "seed_everything",
 ]
@@ -115,3 +124,16 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    """The progress bar style shared by long-running commands."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

@@ -7,100 +7,36 @@ after each evaluation epoch; the weights as safetensors with a metadata sidecar.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from stars.config import (
-    AdamOptimizer,
-    ConstantSchedule,
-    CosineSchedule,
-    OneCycleSchedule,
-    OptimizerConfig,
-    ScheduleConfig,
-    SGDOptimizer,
-    StepSchedule,
-    TeacherTrainConfig,
-    dump_yaml,
-)
+from stars.config import TeacherTrainConfig, dump_yaml
 from stars.data.datasets import build_data, stratified_subset
 from stars.evaluation import top1
 from stars.models.io import save_model
 from stars.models.teachers import build_teacher_arch
-from stars.runtime import MetricsLog, autocast, make_run_dir, resolve_device, seed_everything
+from stars.optim import build_optimizer, build_scheduler
+from stars.runtime import (
+    MetricsLog,
+    autocast,
+    make_run_dir,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+)
 
-__all__ = ["TeacherResult", "build_optimizer", "build_scheduler", "train_teacher"]
-
-
-def build_optimizer(cfg: OptimizerConfig, params: Any) -> torch.optim.Optimizer:
-    """The optimizer a config names."""
-    match cfg:
-        case SGDOptimizer():
-            return torch.optim.SGD(
-                params,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                nesterov=cfg.nesterov and cfg.momentum > 0,
-            )
-        case AdamOptimizer():
-            cls = torch.optim.AdamW if cfg.kind == "adamw" else torch.optim.Adam
-            return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        case _:
-            assert_never(cfg)
+__all__ = ["TeacherResult", "train_teacher"]
 
 
-def build_scheduler(
-    cfg: ScheduleConfig, opt: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step LR schedule over ``epochs * steps_per_epoch`` steps (warm-up is linear)."""
-    total = max(1, epochs * steps_per_epoch)
-    if isinstance(cfg, OneCycleSchedule):
-        max_lrs = [g["lr"] for g in opt.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start
-        )
-    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        match cfg:
-            case CosineSchedule():
-                base = opt.defaults["lr"]
-                floor = cfg.min_lr / base if base > 0 else 0.0
-                progress = (step - warm) / max(1, total - warm)
-                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-            case StepSchedule():
-                epoch = step // max(1, steps_per_epoch)
-                return float(cfg.gamma ** sum(epoch >= m for m in cfg.milestones))
-            case ConstantSchedule():
-                return 1.0
-            case _:
-                assert_never(cfg)
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def progress_bar(console: Console | None = None) -> Progress:
-    """The progress bar style shared by long-running commands."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+RUN_FILES = ("config.yaml", "metrics.jsonl", "teacher.safetensors", "teacher.json", "summary.json")
+"""What a train-teacher run writes into its directory."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +59,8 @@ def train_teacher(
     if test_set is not None:
         test_set = stratified_subset(test_set, cfg.evaluation.max_images, 0)
     run = make_run_dir(cfg.output_dir, cfg.name, "train-teacher", overwrite=overwrite)
+    for stale in RUN_FILES:  # an overwritten run leaves nothing of the old one behind
+        (run / stale).unlink(missing_ok=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
     seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)

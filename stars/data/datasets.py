@@ -50,10 +50,13 @@ class DataError(StarsError):
 
 
 def train_transform(image_size: int, mean: Stats, std: Stats) -> v2.Compose:
-    """Random crop with padding (size/8), horizontal flip, then normalization."""
+    """Resize to ``image_size`` as :func:`eval_transform` does (a no-op when the stored size
+    already fits), random crop with padding (size/8), horizontal flip, then normalization."""
     return v2.Compose(
         [
             v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
             v2.RandomCrop(image_size, padding=image_size // 8),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),

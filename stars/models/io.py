@@ -97,8 +97,19 @@ def read_metadata(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    return {k: json.loads(v) for k, v in header.items()}
+        raise CheckpointError(
+            f"{path}: truncated or corrupted, not a readable safetensors file ({exc})"
+        ) from None
+    return {k: _header_value(v) for k, v in header.items()}
+
+
+def _header_value(text: str) -> Any:
+    """A safetensors header value: JSON when ``save_model`` wrote it, else the plain string
+    (files from other tools carry entries such as ``{"format": "pt"}``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def load_model_weights(

@@ -1,0 +1,506 @@
+"""Builds the components a config describes and runs data-free distillation.
+
+``config -> (teacher, student, synthesizer, distiller) -> epochs of synthesis + KD ->
+evaluation -> run directory`` (DESIGN.md sections 2 and 6). Fast-style alternation: each
+epoch adds ``synthesis_steps_per_epoch`` batches to the memory bank, then runs
+``kd_steps_per_epoch`` student steps on batches drawn from it (no KD during Fast's warm-up
+epochs). DeepInversion synthesizes every batch first, then distills.
+
+The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoint.
+safetensors`` (written atomically every epoch; ``--resume`` continues from it and ends
+with the same metrics as an uninterrupted run), ``student.safetensors`` + ``student.json``,
+``synthetic_grid.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from stars.config import (
+    CifarData,
+    DeepInversionSynthesis,
+    FastSynthesis,
+    ImageFolderData,
+    RunConfig,
+    dump_yaml,
+    load_config,
+)
+from stars.data.datasets import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DataError,
+    build_data,
+    stratified_subset,
+)
+from stars.distill.checkpoint import load_state, save_state
+from stars.distill.distiller import KDDistiller
+from stars.distill.spikes import ANNCost, SpikeStats, energy_table, measure_ann, measure_spikes
+from stars.errors import StarsError
+from stars.evaluation import top1
+from stars.models.factory import build_teacher
+from stars.models.io import save_model
+from stars.models.students import build_student
+from stars.optim import build_optimizer, build_scheduler
+from stars.runtime import MetricsLog, make_run_dir, progress_bar, resolve_device, seed_everything
+from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+
+__all__ = [
+    "Components",
+    "DataGeometry",
+    "DistillResult",
+    "Interrupted",
+    "build_components",
+    "data_geometry",
+    "run_distill",
+    "save_grid",
+]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM during a run: the last epoch checkpoint is kept."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class DataGeometry:
+    """What the models need to know about the data, without touching the disk."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def data_geometry(cfg: RunConfig) -> DataGeometry:
+    """Classes, image size and normalization of the configured dataset."""
+    data = cfg.data
+    if isinstance(data, CifarData):
+        is10 = data.kind == "cifar10"
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
+        return DataGeometry(data.kind, data.num_classes, data.image_size, mean, std)
+    assert isinstance(data, ImageFolderData)
+    return DataGeometry("imagefolder", data.num_classes, data.image_size, data.mean, data.std)
+
+
+@dataclass
+class Components:
+    """Everything a distillation run is made of."""
+
+    cfg: RunConfig
+    device: torch.device
+    geometry: DataGeometry
+    teacher: nn.Module
+    student: nn.Module
+    synthesizer: AnySynthesizer
+    distiller: KDDistiller
+
+    @property
+    def kd_epochs(self) -> int:
+        warm = (
+            self.cfg.synthesis.warmup_epochs if isinstance(self.cfg.synthesis, FastSynthesis) else 0
+        )
+        return max(1, self.cfg.distill.epochs - warm)
+
+
+def build_components(cfg: RunConfig) -> Components:
+    """Build teacher, student, synthesizer and distiller from a validated config."""
+    device = resolve_device(cfg.device)
+    geo = data_geometry(cfg)
+    seed_everything(cfg.seed)
+    teacher = build_teacher(
+        cfg.teacher, num_classes=geo.num_classes, image_size=geo.image_size, dataset=geo.name
+    ).to(device)
+    torch.manual_seed(cfg.seed)
+    try:
+        student = build_student(cfg.student, num_classes=geo.num_classes, image_size=geo.image_size)
+    except ValueError as exc:
+        raise StarsError(f"student: {exc}") from None
+    student = student.to(device)
+    synthesizer = build_synthesizer(
+        cfg.synthesis,
+        cfg.stars,
+        teacher=teacher,
+        num_classes=geo.num_classes,
+        image_size=geo.image_size,
+        mean=geo.mean,
+        std=geo.std,
+        device=device,
+        seed=cfg.seed,
+        student_vth=cfg.student.neuron.v_threshold,
+    )
+    optimizer = build_optimizer(cfg.distill.optimizer, student.parameters())
+    warm = cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0
+    scheduler = build_scheduler(
+        cfg.distill.schedule,
+        optimizer,
+        epochs=max(1, cfg.distill.epochs - warm),
+        steps_per_epoch=max(1, cfg.distill.kd_steps_per_epoch),
+    )
+    distiller = KDDistiller(
+        student,
+        teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        temperature=cfg.distill.temperature,
+        loss=cfg.distill.loss,
+        rca_weight=cfg.stars.rca.student_weight,
+        rca_features=cfg.stars.rca.features,
+        rca_delta=cfg.stars.rca.delta,
+        device=device,
+        precision=cfg.precision,
+        seed=cfg.seed + 1,
+    )
+    return Components(cfg, device, geo, teacher, student, synthesizer, distiller)
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _test_loader(cfg: RunConfig, console: Console) -> DataLoader[Any] | None:
+    if not cfg.evaluation.enabled:
+        return None
+    try:
+        test = build_data(cfg.data).test()
+    except DataError as exc:
+        console.print(f"[yellow]No test data: {exc}. Evaluation is skipped.[/]")
+        return None
+    if test is None:
+        console.print("[yellow]No test split configured: evaluation is skipped.[/]")
+        return None
+    test = stratified_subset(test, cfg.evaluation.max_images, 0)
+    return DataLoader(test, batch_size=cfg.evaluation.batch_size, num_workers=cfg.data.num_workers)
+
+
+def _images_only(loader: DataLoader[Any], limit: int) -> Iterator[Tensor]:
+    seen = 0
+    for x, _ in loader:
+        if seen >= limit:
+            return
+        yield x[: limit - seen]
+        seen += x.shape[0]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    student_top1: float
+    teacher_top1: float
+    spikes: SpikeStats
+    teacher_cost: ANNCost
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "student_top1": self.student_top1,
+            "teacher_top1": self.teacher_top1,
+            "firing_rates": self.spikes.firing_rates,
+            "mean_firing_rate": self.spikes.mean_firing_rate,
+            "synops_per_image": self.spikes.synops,
+            "student_macs_per_image": self.spikes.macs,
+            "student_energy_uj": self.spikes.energy_pj / 1e6,
+            "teacher_macs_per_image": self.teacher_cost.macs,
+            "teacher_energy_uj": self.teacher_cost.energy_pj / 1e6,
+        }
+
+
+def evaluate_student(
+    comp: Components, loader: DataLoader[Any], *, teacher_top1: float | None = None
+) -> Evaluation:
+    """Top-1 of student (and teacher, unless given), firing rates, SynOps and energy."""
+    s_acc = top1(comp.student, loader, comp.device)
+    t_acc = teacher_top1 if teacher_top1 is not None else top1(comp.teacher, loader, comp.device)
+    spikes = measure_spikes(comp.student, _images_only(loader, 512), comp.device)
+    g = comp.geometry
+    cost = measure_ann(comp.teacher, (3, g.image_size, g.image_size), comp.device)
+    return Evaluation(s_acc, t_acc, spikes, cost)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def save_grid(
+    pixels: Tensor, labels: Tensor, path: Path, *, per_class: int = 8, max_classes: int = 20
+) -> None:
+    """A PNG grid of uint8 images ``[N, C, H, W]``, one row per class (labels ``[N]``, up
+    to ``max_classes`` rows of ``per_class`` images)."""
+    from torchvision.utils import save_image
+
+    rows: list[Tensor] = []
+    classes = sorted({int(c) for c in labels.tolist() if c >= 0})[:max_classes]
+    for c in classes:
+        pick = pixels[labels == c][:per_class]
+        if pick.shape[0] < per_class:
+            pad = torch.zeros((per_class - pick.shape[0], *pixels.shape[1:]), dtype=pixels.dtype)
+            pick = torch.cat([pick, pad])
+        rows.append(pick)
+    if not rows:
+        rows = [pixels[:per_class]]
+    grid = torch.cat(rows).float() / 255.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, str(path), nrow=per_class, padding=1)
+
+
+def _bank_grid(comp: Components, path: Path) -> None:
+    bank = comp.synthesizer.ctx.bank
+    if len(bank) == 0:
+        return
+    save_grid(bank.pixels(), bank.labels(), path)
+
+
+def _summary_table(summary: Mapping[str, Any], evaluation: Evaluation | None) -> Table:
+    table = Table(title="stars distill")
+    table.add_column("metric")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    if evaluation is not None:
+        table.add_row(
+            "top-1 (%)", f"{evaluation.teacher_top1:.2f}", f"{evaluation.student_top1:.2f}"
+        )
+        for name, t, s in energy_table(evaluation.spikes, evaluation.teacher_cost):
+            table.add_row(name, t, s)
+    table.add_row("wall time (min)", "", f"{summary['seconds'] / 60:.1f}")
+    table.add_row("skipped KD steps", "", str(summary["skipped_kd_steps"]))
+    return table
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state(comp: Components, epoch: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "student": comp.student.state_dict(),
+        "synthesizer": comp.synthesizer.state_dict(),
+        "distiller": comp.distiller.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "extra": dict(extra),
+    }
+
+
+def _restore(comp: Components, state: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    comp.student.load_state_dict(state["student"])
+    comp.synthesizer.load_state_dict(state["synthesizer"])
+    comp.distiller.load_state_dict(state["distiller"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), dict(state.get("extra") or {})
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop records of epochs after the checkpoint (a killed run may have logged them)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if int(rec.get("epoch", 0)) <= epochs_done:
+            keep.append(line)
+    path.write_text("".join(f"{line}\n" for line in keep))
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM raise :class:`Interrupted` inside the block (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _means(acc: Mapping[str, list[float]], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": sum(v) / len(v) for k, v in acc.items() if v}
+
+
+def run_distill(
+    cfg: RunConfig,
+    *,
+    resume: Path | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> DistillResult:
+    """Run (or resume) a distillation; returns the run directory and the summary."""
+    console = console or Console()
+    if resume is not None:
+        saved = resume / "config.yaml"
+        if not (resume / CHECKPOINT).is_file():
+            raise StarsError(f"--resume {resume}: no {CHECKPOINT} there (nothing to resume)")
+        cfg = load_config(saved)
+        run = resume
+    else:
+        run = make_run_dir(cfg.output_dir, cfg.name, "distill", overwrite=overwrite)
+        (run / "config.yaml").write_text(dump_yaml(cfg))
+        for stale in (CHECKPOINT, "metrics.jsonl", "summary.json"):
+            (run / stale).unlink(missing_ok=True)
+
+    comp = build_components(cfg)
+    loader = _test_loader(cfg, console)
+    start_epoch, extra = 0, dict[str, Any]()
+    if resume is not None:
+        start_epoch, extra = _restore(comp, load_state(run / CHECKPOINT))
+        _trim_metrics(run / "metrics.jsonl", start_epoch)
+        console.print(f"Resuming {run} after epoch {start_epoch}/{cfg.distill.epochs}.")
+    elapsed_before = float(extra.get("seconds", 0.0))
+    teacher_top1: float | None = extra.get("teacher_top1")
+    t0 = time.time()
+    d = cfg.distill
+    synth_cfg = cfg.synthesis
+    is_di = isinstance(synth_cfg, DeepInversionSynthesis)
+    warm = synth_cfg.warmup_epochs if isinstance(synth_cfg, FastSynthesis) else 0
+    last_eval: Evaluation | None = None
+
+    def n_synth(epoch: int) -> int:
+        if is_di:
+            return d.epochs * d.synthesis_steps_per_epoch if epoch == 0 else 0
+        return d.synthesis_steps_per_epoch
+
+    try:
+        with (
+            _signals_raise(),
+            MetricsLog(run / "metrics.jsonl") as metrics,
+            progress_bar(console if show_progress else Console(quiet=True)) as bar,
+        ):
+            total_s = sum(n_synth(e) for e in range(start_epoch, d.epochs))
+            total_k = sum(d.kd_steps_per_epoch for e in range(max(start_epoch, warm), d.epochs))
+            s_task = bar.add_task("synthesis", total=total_s, info="")
+            k_task = bar.add_task("KD", total=total_k, info="")
+            for epoch in range(start_epoch, d.epochs):
+                comp.synthesizer.ctx.epoch = epoch
+                syn: dict[str, list[float]] = defaultdict(list)
+                for _ in range(n_synth(epoch)):
+                    step = comp.synthesizer.synthesize(comp.student)
+                    for k, v in step.losses.items():
+                        syn[k].append(v)
+                    bar.update(s_task, advance=1, info=f"bn {step.losses.get('bn', 0):.2f}")
+                kd: dict[str, list[float]] = defaultdict(list)
+                if epoch >= warm:
+                    for _ in range(d.kd_steps_per_epoch):
+                        out = comp.distiller.step(comp.synthesizer.sample(d.batch_size))
+                        for k, v in out.parts.items():
+                            kd[k].append(v)
+                        bar.update(k_task, advance=1, info=f"loss {out.parts['loss']:.3f}")
+                        if comp.distiller.bad_in_a_row >= d.max_bad_steps:
+                            raise StarsError(
+                                f"{comp.distiller.bad_in_a_row} non-finite KD steps in a row at "
+                                f"epoch {epoch + 1}; the run stops. The checkpoint of epoch "
+                                f"{epoch} is in {run}. Lower distill.optimizer.lr or use "
+                                "precision fp32, then --resume."
+                            )
+                record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1}
+                record |= _means(syn, "synthesis") | _means(kd, "kd")
+                record["lr"] = comp.distiller.optimizer.param_groups[0]["lr"]
+                record["bank_size"] = len(comp.synthesizer.ctx.bank)
+                record["skipped_kd_steps"] = comp.distiller.skipped
+                record["seconds"] = elapsed_before + time.time() - t0
+                metrics.write(record)
+                last = epoch + 1 == d.epochs
+                if loader is not None and (last or (epoch + 1) % cfg.evaluation.every_epochs == 0):
+                    last_eval = evaluate_student(comp, loader, teacher_top1=teacher_top1)
+                    teacher_top1 = last_eval.teacher_top1
+                    metrics.write({"event": "eval", "epoch": epoch + 1} | last_eval.record())
+                    bar.console.print(
+                        f"epoch {epoch + 1}: student top-1 {last_eval.student_top1:.2f}% "
+                        f"(teacher {last_eval.teacher_top1:.2f}%)"
+                    )
+                save_state(
+                    run / CHECKPOINT,
+                    _state(
+                        comp,
+                        epoch + 1,
+                        {
+                            "seconds": elapsed_before + time.time() - t0,
+                            "teacher_top1": teacher_top1,
+                        },
+                    ),
+                )
+    except Interrupted as exc:
+        done = int(load_state(run / CHECKPOINT)["epoch"]) if (run / CHECKPOINT).exists() else 0
+        console.print(
+            f"[yellow]{exc} received: stopped. The checkpoint after epoch {done} is kept; "
+            f"continue with `stars distill CONFIG --resume {run}`.[/]"
+        )
+        raise
+
+    seconds = elapsed_before + time.time() - t0
+    geo = comp.geometry
+    s_acc = None if last_eval is None else last_eval.student_top1
+    save_model(
+        comp.student,
+        run / "student.safetensors",
+        {
+            "kind": "student",
+            "arch": cfg.student.arch,
+            "T": cfg.student.T,
+            "neuron": cfg.student.neuron.model_dump(mode="json"),
+            "num_classes": geo.num_classes,
+            "image_size": geo.image_size,
+            "dataset": geo.name,
+            "mean": list(geo.mean),
+            "std": list(geo.std),
+            "test_top1": s_acc,
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
+    _bank_grid(comp, run / "synthetic_grid.png")
+    summary: dict[str, Any] = {
+        "run_dir": str(run),
+        "epochs": d.epochs,
+        "student_top1": s_acc,
+        "teacher_top1": None if last_eval is None else last_eval.teacher_top1,
+        "seconds": seconds,
+        "skipped_kd_steps": comp.distiller.skipped,
+        "synthesis": cfg.synthesis.kind,
+        "stars": cfg.stars.model_dump(mode="json"),
+    }
+    if last_eval is not None:
+        summary["evaluation"] = last_eval.record()
+    else:
+        summary["evaluation"] = None
+        console.print("[yellow]No evaluation was run (no test data): accuracy is unknown.[/]")
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(_summary_table(summary, last_eval))
+    console.print(f"Run directory: {run}")
+    return DistillResult(run, summary)

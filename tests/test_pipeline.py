@@ -1,0 +1,236 @@
+"""End to end on a tiny config: run directory, resume after SIGKILL, CLI, ablate, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from stars.cli import app
+from stars.config import load_config
+from stars.distill.checkpoint import load_state
+from stars.models.io import save_model
+from stars.models.teachers import build_teacher_arch
+from stars.pipeline import run_distill
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    model = build_teacher_arch("resnet20", num_classes=10)
+    meta = {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32}
+    save_model(model, path, meta)
+    return path
+
+
+def tiny_config(tmp: Path, cifar: Path, teacher: Path, **extra: object) -> Path:
+    tree: dict[str, object] = {
+        "seed": 0,
+        "device": "cpu",
+        "output_dir": str(tmp / "runs"),
+        "name": "tiny",
+        "data": {"kind": "cifar10", "root": str(cifar)},
+        "teacher": {"arch": "resnet20", "checkpoint": str(teacher)},
+        "student": {"arch": "spiking_tiny", "T": 2},
+        "synthesis": {
+            "kind": "fast",
+            "batch_size": 8,
+            "g_steps": 2,
+            "nz": 16,
+            "memory_size": 64,
+            "warmup_epochs": 1,
+        },
+        "stars": {"rca": {"weight": 0.1, "student_weight": 0.5}, "tar": {"weight": 5.0}},
+        "distill": {
+            "epochs": 4,
+            "synthesis_steps_per_epoch": 1,
+            "kd_steps_per_epoch": 3,
+            "batch_size": 8,
+            "optimizer": {"lr": 0.05},
+            "schedule": {"kind": "cosine", "warmup_epochs": 1},
+        },
+        "evaluation": {"every_epochs": 2, "batch_size": 20, "max_images": 20},
+    }
+    tree.update(extra)
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
+    cfg = load_config(tiny_config(tmp_path, cifar_root, teacher_file))
+    result = run_distill(cfg, show_progress=False)
+    run = result.run_dir
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "student.safetensors",
+        "student.json",
+        "synthetic_grid.png",
+        "summary.json",
+    ):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in evals] == [2, 4]
+    for term in ("bn", "oh", "tar", "rca", "total"):
+        assert f"synthesis/{term}" in epochs[-1]
+    assert "kd/kd" in epochs[-1] and "kd/rca" in epochs[-1]
+    assert "kd/kd" not in epochs[0], "no KD during Fast's warm-up epoch"
+    assert epochs[-1]["bank_size"] == 32
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["student_top1"] <= 100.0
+    assert summary["evaluation"]["student_energy_uj"] > 0
+    assert set(summary["evaluation"]["firing_rates"])
+    meta = json.loads((run / "student.json").read_text())
+    assert meta["arch"] == "spiking_tiny" and meta["T"] == 2
+    with Image.open(run / "synthetic_grid.png") as img:
+        assert img.width > 32 and img.height > 32
+    # the same run name again is refused: nothing is lost
+    with pytest.raises(Exception, match="already exists"):
+        run_distill(cfg, show_progress=False)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(
+    tmp_path: Path, cifar_root: Path, teacher_file: Path
+) -> None:
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    cfg = load_config(tiny_config(ref_dir, cifar_root, teacher_file))
+    reference = run_distill(cfg, show_progress=False).summary
+
+    kill_dir = tmp_path / "kill"
+    kill_dir.mkdir()
+    cfg_path = tiny_config(kill_dir, cifar_root, teacher_file)
+    run = kill_dir / "runs" / "tiny"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stars.cli", "distill", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoint.safetensors").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = int(load_state(run / "checkpoint.safetensors")["epoch"])
+    assert 1 <= done < 4, "the kill must land mid-run"
+    resumed = run_distill(load_config(cfg_path), resume=run, show_progress=False).summary
+    assert resumed["student_top1"] == reference["student_top1"]
+    assert resumed["evaluation"] == reference["evaluation"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(ref_dir / "runs" / "tiny" / "student.safetensors"))
+    b = load_file(str(run / "student.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "epoch"
+    ]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_cli_exit_codes(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
+    cfg = tiny_config(tmp_path, cifar_root, teacher_file)
+    bad = runner.invoke(app, ["distill", str(cfg), "--set", "student.T=0"])
+    assert bad.exit_code == 2 and "student.T" in bad.output
+    missing = runner.invoke(app, ["distill", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 2
+    no_ckpt = runner.invoke(app, ["distill", str(cfg), "--resume", str(tmp_path)])
+    assert no_ckpt.exit_code == 2 and "nothing to resume" in no_ckpt.output
+    wrong_teacher = runner.invoke(
+        app, ["distill", str(cfg), "--set", "teacher.arch=resnet32", "--overwrite"]
+    )
+    assert wrong_teacher.exit_code == 2 and "resnet20" in wrong_teacher.output
+    ok = runner.invoke(app, ["distill", str(cfg), "--set", "distill.epochs=2", "--set", "name=cli"])
+    assert ok.exit_code == 0, ok.output
+    student = tmp_path / "runs" / "cli" / "student.safetensors"
+    assert student.is_file()
+    ev = runner.invoke(app, ["evaluate", str(student), "--device", "cpu"])
+    assert ev.exit_code == 0, ev.output
+    assert "top-1" in ev.output and "firing rate" in ev.output
+
+
+def test_no_test_data_is_said_plainly(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
+    cfg = load_config(
+        tiny_config(tmp_path, cifar_root, teacher_file),
+        ["data.root=" + str(tmp_path / "nowhere"), "distill.epochs=1", "synthesis.warmup_epochs=0"],
+    )
+    from io import StringIO
+
+    from rich.console import Console
+
+    buf = StringIO()
+    result = run_distill(cfg, console=Console(file=buf, width=200), show_progress=False)
+    assert "Evaluation is skipped" in buf.getvalue()
+    assert result.summary["student_top1"] is None
+    assert (result.run_dir / "student.safetensors").is_file()
+
+
+def test_synthesize_command_writes_images(
+    tmp_path: Path, cifar_root: Path, teacher_file: Path
+) -> None:
+    cfg = tiny_config(tmp_path, cifar_root, teacher_file)
+    out = tmp_path / "synth"
+    result = runner.invoke(app, ["synthesize", str(cfg), "--num", "10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 10
+    assert (out / "grid.png").is_file()
+
+
+def test_ablate_writes_table(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        cifar_root,
+        teacher_file,
+        distill={
+            "epochs": 1,
+            "synthesis_steps_per_epoch": 1,
+            "kd_steps_per_epoch": 1,
+            "batch_size": 8,
+        },
+    )
+    out = tmp_path / "abl"
+    result = runner.invoke(
+        app,
+        ["ablate", str(cfg), "--variants", "baseline,stars", "--seeds", "2", "--out", str(out)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "ablation.json").read_text())
+    assert [v["variant"] for v in table["variants"]] == ["baseline", "stars"]
+    assert all(v["seeds"] == 2 and len(v["top1"]) == 2 for v in table["variants"])
+    md = (out / "ablation.md").read_text()
+    assert "| baseline |" in md and "| stars |" in md
+    runs = {r["run_dir"] for r in table["runs"]}
+    assert len(runs) == 4
+    bad = runner.invoke(app, ["ablate", str(cfg), "--variants", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output
