@@ -7,6 +7,7 @@ after each evaluation epoch; the weights as safetensors with a metadata sidecar.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,5 @@ def train_teacher(
     )
     seconds = time.time() - start
     summary = {"weights": str(weights), "test_top1": acc, "seconds": seconds}
-    import json
-
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return TeacherResult(run, weights, acc, seconds)
