@@ -67,6 +67,7 @@ __all__ = [
     "DistillResult",
     "Interrupted",
     "build_components",
+    "calibrate",
     "data_geometry",
     "run_distill",
     "save_grid",
@@ -350,6 +351,27 @@ def _signals_raise() -> Iterator[None]:
 # ----------------------------------------------------------------------------- the run
 
 
+def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
+    """Gradient norm of each synthesis term on the images at the start of synthesis.
+
+    Images are N(0, 1) in the normalized space (DeepInversion's initialization), drawn from
+    a generator of their own so that the run's random streams are untouched. STARS terms
+    whose weight is 0 are measured at weight 1. ``ratio/<term>`` is the term's gradient norm
+    over the BN term's: the number to read when choosing ``stars.*.weight`` (DESIGN.md
+    section 4 asks that each STARS term be a stated fraction of the BN term at the start).
+    """
+    g = comp.geometry
+    gen = torch.Generator().manual_seed(comp.cfg.seed + 7)
+    x = torch.randn(n, 3, g.image_size, g.image_size, generator=gen).to(comp.device)
+    y = (torch.arange(n) % g.num_classes).to(comp.device)
+    norms = comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student)
+    out = {f"grad_norm/{k}": v for k, v in norms.items()}
+    bn = norms.get("bn", 0.0)
+    if bn > 0:
+        out |= {f"ratio/{k}": v / bn for k, v in norms.items() if k != "bn"}
+    return out
+
+
 def _means(acc: Mapping[str, list[float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": sum(v) / len(v) for k, v in acc.items() if v}
 
@@ -397,6 +419,9 @@ def run_distill(
             return d.epochs * d.synthesis_steps_per_epoch if epoch == 0 else 0
         return d.synthesis_steps_per_epoch
 
+    if resume is None:
+        with MetricsLog(run / "metrics.jsonl") as metrics:
+            metrics.write({"event": "calibration", "epoch": 0} | calibrate(comp))
     try:
         with (
             _signals_raise(),

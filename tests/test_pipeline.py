@@ -86,6 +86,9 @@ def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_fil
         assert (run / name).is_file(), name
     assert load_config(run / "config.yaml") == cfg
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    calib = [r for r in records if r["event"] == "calibration"]
+    assert len(calib) == 1
+    assert calib[0]["grad_norm/bn"] > 0 and calib[0]["ratio/tar"] > 0 and "ratio/rca" in calib[0]
     epochs = [r for r in records if r["event"] == "epoch"]
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]

@@ -247,7 +247,11 @@ class SynthesisObjective:
         weight 1 when off). Logged at the start of synthesis to calibrate the STARS weights
         against the BN term."""
         x = x.detach().requires_grad_(True)
-        out = self(x, y, student, grad_inactive=True)
+        if student is not None:
+            with frozen(student):
+                out = self(x, y, student, grad_inactive=True)
+        else:
+            out = self(x, y, student, grad_inactive=True)
         weights = {
             "bn": self.weights.bn,
             "oh": self.weights.oh,
