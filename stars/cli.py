@@ -208,6 +208,39 @@ def ablate(
     )
 
 
+@app.command("convert-checkpoint")
+@user_errors
+def convert_checkpoint(
+    src: Annotated[Path, typer.Argument(help="A PyTorch .pt/.pth file you trust.")],
+    dst: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    arch: Annotated[str, typer.Option(help="Teacher architecture, e.g. resnet34.")],
+    num_classes: Annotated[int, typer.Option(min=1, help="Number of classes.")],
+    image_size: Annotated[int, typer.Option(min=8, help="Input size (32 CIFAR, 64 Tiny).")] = 32,
+) -> None:
+    """Convert a pickle checkpoint to safetensors for use as a teacher.
+
+    Reads SRC with torch.load(weights_only=True): only tensors and plain containers are
+    rebuilt, anything else is refused without being run. Checks that the weights fit ARCH,
+    then writes DST and DST's .json metadata. stars itself never unpickles a file.
+    """
+    from stars.models.io import convert_pickle_checkpoint
+    from stars.models.teachers import build_teacher_arch
+
+    try:
+        model = build_teacher_arch(arch, num_classes=num_classes, image_size=image_size)
+    except ValueError as exc:
+        raise StarsError(str(exc)) from None
+    meta = {
+        "kind": "teacher",
+        "arch": arch,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "converted_from": str(src),
+    }
+    n = convert_pickle_checkpoint(src, dst, meta=meta, model=model)
+    console.print(f"wrote {n} tensors to {dst} (metadata in {dst.with_suffix('.json')})")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m stars.cli`
     app()
 

@@ -459,6 +459,10 @@ class _RunCommon(_Frozen):
     output_dir: Path = Path("runs")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     """Run directory name under ``output_dir``; null = ``<command>-<timestamp>``."""
+    channels_last: bool = False
+    """Convolutions in channels-last memory format (faster on GPUs with tensor cores)."""
+    compile: bool = False
+    """Wrap teacher and student in ``torch.compile``; falls back with a warning if it fails."""
 
 
 class RunConfig(_RunCommon):

@@ -131,7 +131,7 @@ def build_components(cfg: RunConfig) -> Components:
     device = resolve_device(cfg.device)
     geo = data_geometry(cfg)
     seed_everything(cfg.seed)
-    teacher = build_teacher(
+    teacher: nn.Module = build_teacher(
         cfg.teacher, num_classes=geo.num_classes, image_size=geo.image_size, dataset=geo.name
     ).to(device)
     torch.manual_seed(cfg.seed)
@@ -140,6 +140,12 @@ def build_components(cfg: RunConfig) -> Components:
     except ValueError as exc:
         raise StarsError(f"student: {exc}") from None
     student = student.to(device)
+    _dry_run(cfg, teacher, student, geo, device)
+    if cfg.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+        student = student.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        teacher, student = _compiled(teacher), _compiled(student)
     synthesizer = build_synthesizer(
         cfg.synthesis,
         cfg.stars,
@@ -175,6 +181,95 @@ def build_components(cfg: RunConfig) -> Components:
         seed=cfg.seed + 1,
     )
     return Components(cfg, device, geo, teacher, student, synthesizer, distiller)
+
+
+def _dry_run(
+    cfg: RunConfig, teacher: nn.Module, student: nn.Module, geo: DataGeometry, device: torch.device
+) -> None:
+    """One forward of both models on two images: a size, T or class count the models cannot
+    take is reported before any work (and before a run directory exists)."""
+    x = torch.zeros(2, 3, geo.image_size, geo.image_size, device=device)
+    for role, model, arch in (
+        ("teacher", teacher, cfg.teacher.arch),
+        ("student", student, cfg.student.arch),
+    ):
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                feats, logits = model.forward_features(x)  # type: ignore[operator]
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StarsError(
+                f"{role} {arch} cannot take {geo.image_size}x{geo.image_size} images"
+                + (f" at T={cfg.student.T}" if role == "student" else "")
+                + f": {first}"
+            ) from None
+        finally:
+            model.train(was)
+        if logits.shape[-1] != geo.num_classes:
+            raise StarsError(
+                f"{role} {arch} outputs {logits.shape[-1]} classes, the data has {geo.num_classes}"
+            )
+        del feats
+
+
+class _CompiledModel(nn.Module):
+    """``torch.compile`` of ``forward`` and ``forward_features``; keeps the other methods.
+
+    Compilation is lazy in torch: if the first compiled call fails, a warning is issued and
+    the model runs eagerly from then on (a genuine error then surfaces from the eager call).
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self._forward: Any = torch.compile(inner.forward)
+        self._features: Any = torch.compile(inner.forward_features)  # type: ignore[arg-type]
+        self.eager = False
+
+    def _run(self, compiled: Any, eager: Any, x: Tensor) -> Any:
+        if not self.eager:
+            try:
+                return compiled(x)
+            except Exception as exc:  # torch.compile raises many kinds; eager is always correct
+                import warnings
+
+                warnings.warn(f"torch.compile failed ({exc}); running eagerly", stacklevel=3)
+                self.eager = True
+        return eager(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self._run(self._forward, self._modules["inner"], x)
+        return out
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        inner = self._modules["inner"]
+        out: tuple[Tensor, Tensor] = self._run(self._features, inner.forward_features, x)  # type: ignore[union-attr]
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._modules["inner"].state_dict(*args, **kwargs)  # type: ignore[union-attr]
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._modules["inner"].load_state_dict(*args, **kwargs)  # type: ignore[union-attr]
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the model's forwards; on failure warn and keep the eager model."""
+    import warnings
+
+    try:
+        return _CompiledModel(model)
+    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
+        warnings.warn(f"torch.compile failed ({exc}); running eagerly", stacklevel=2)
+        return model
 
 
 @dataclass
@@ -392,13 +487,13 @@ def run_distill(
             raise StarsError(f"--resume {resume}: no {CHECKPOINT} there (nothing to resume)")
         cfg = load_config(saved)
         run = resume
-    else:
+    comp = build_components(cfg)  # before any file is written: bad input leaves nothing
+    if resume is None:
         run = make_run_dir(cfg.output_dir, cfg.name, "distill", overwrite=overwrite)
         (run / "config.yaml").write_text(dump_yaml(cfg))
         for stale in (CHECKPOINT, "metrics.jsonl", "summary.json"):
             (run / stale).unlink(missing_ok=True)
 
-    comp = build_components(cfg)
     loader = _test_loader(cfg, console)
     start_epoch, extra = 0, dict[str, Any]()
     if resume is not None:
@@ -406,6 +501,8 @@ def run_distill(
         _trim_metrics(run / "metrics.jsonl", start_epoch)
         console.print(f"Resuming {run} after epoch {start_epoch}/{cfg.distill.epochs}.")
     elapsed_before = float(extra.get("seconds", 0.0))
+    bad_synth = int(extra.get("skipped_synthesis_steps", 0))
+    synth_in_a_row = int(extra.get("synthesis_in_a_row", 0))
     teacher_top1: float | None = extra.get("teacher_top1")
     t0 = time.time()
     d = cfg.distill
@@ -437,10 +534,27 @@ def run_distill(
                 syn: dict[str, list[float]] = defaultdict(list)
                 for _ in range(n_synth(epoch)):
                     step = comp.synthesizer.synthesize(comp.student)
+                    bar.update(s_task, advance=1, info=f"bn {step.losses.get('bn', 0):.2f}")
+                    if not step.finite:
+                        bad_synth += 1
+                        synth_in_a_row += 1
+                        if synth_in_a_row >= d.max_bad_steps:
+                            raise StarsError(
+                                f"{synth_in_a_row} non-finite synthesis steps in a row at epoch "
+                                f"{epoch + 1}; the run stops. The checkpoint of epoch {epoch} "
+                                f"is in {run}. Lower the synthesis learning rate or the loss "
+                                "weights, then --resume."
+                            )
+                        continue
+                    synth_in_a_row = 0
                     for k, v in step.losses.items():
                         syn[k].append(v)
-                    bar.update(s_task, advance=1, info=f"bn {step.losses.get('bn', 0):.2f}")
                 kd: dict[str, list[float]] = defaultdict(list)
+                if epoch >= warm and d.kd_steps_per_epoch and len(comp.synthesizer.ctx.bank) == 0:
+                    raise StarsError(
+                        f"the memory bank is empty at epoch {epoch + 1}: no synthesized batch "
+                        "was finite (or distill.synthesis_steps_per_epoch is 0)"
+                    )
                 if epoch >= warm:
                     for _ in range(d.kd_steps_per_epoch):
                         out = comp.distiller.step(comp.synthesizer.sample(d.batch_size))
@@ -459,6 +573,7 @@ def run_distill(
                 record["lr"] = comp.distiller.optimizer.param_groups[0]["lr"]
                 record["bank_size"] = len(comp.synthesizer.ctx.bank)
                 record["skipped_kd_steps"] = comp.distiller.skipped
+                record["skipped_synthesis_steps"] = bad_synth
                 record["seconds"] = elapsed_before + time.time() - t0
                 metrics.write(record)
                 last = epoch + 1 == d.epochs
@@ -470,17 +585,20 @@ def run_distill(
                         f"epoch {epoch + 1}: student top-1 {last_eval.student_top1:.2f}% "
                         f"(teacher {last_eval.teacher_top1:.2f}%)"
                     )
-                save_state(
-                    run / CHECKPOINT,
-                    _state(
-                        comp,
-                        epoch + 1,
-                        {
-                            "seconds": elapsed_before + time.time() - t0,
-                            "teacher_top1": teacher_top1,
-                        },
-                    ),
-                )
+                extra = {
+                    "seconds": elapsed_before + time.time() - t0,
+                    "teacher_top1": teacher_top1,
+                    "skipped_synthesis_steps": bad_synth,
+                    "synthesis_in_a_row": synth_in_a_row,
+                }
+                try:
+                    save_state(run / CHECKPOINT, _state(comp, epoch + 1, extra))
+                except OSError as exc:
+                    raise StarsError(
+                        f"cannot write the checkpoint of epoch {epoch + 1} to {run}: "
+                        f"{exc.strerror or exc}. The previous checkpoint (epoch {epoch}) is "
+                        "intact; free space or fix permissions, then --resume."
+                    ) from None
     except Interrupted as exc:
         done = int(load_state(run / CHECKPOINT)["epoch"]) if (run / CHECKPOINT).exists() else 0
         console.print(
@@ -517,6 +635,7 @@ def run_distill(
         "teacher_top1": None if last_eval is None else last_eval.teacher_top1,
         "seconds": seconds,
         "skipped_kd_steps": comp.distiller.skipped,
+        "skipped_synthesis_steps": bad_synth,
         "synthesis": cfg.synthesis.kind,
         "stars": cfg.stars.model_dump(mode="json"),
     }

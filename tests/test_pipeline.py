@@ -127,13 +127,15 @@ def test_resume_after_sigkill_matches_uninterrupted(
     proc = subprocess.Popen(
         [sys.executable, "-m", "stars.cli", "distill", str(cfg_path)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=env,
     )
     try:
         deadline = time.time() + 240
         while not (run / "checkpoint.safetensors").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"the run ended before its first checkpoint: {err[-2000:]}")
             assert time.time() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)

@@ -25,6 +25,7 @@ from stars.errors import StarsError
 __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
+    "convert_pickle_checkpoint",
     "load_model_weights",
     "read_metadata",
     "save_model",
@@ -160,3 +161,57 @@ def load_model_weights(
         raise CheckpointError(f"{path}: weights do not fit the model ({detail})")
     model.load_state_dict(tensors)
     return meta
+
+
+def convert_pickle_checkpoint(
+    src: Path, dst: Path, *, meta: Mapping[str, Any], model: nn.Module | None = None
+) -> int:
+    """Convert a PyTorch pickle checkpoint to safetensors, loading it as safely as torch can.
+
+    The file is read with ``torch.load(weights_only=True)``, which only rebuilds tensors and
+    plain containers and refuses any other object (so a payload is rejected, not run). A
+    state dict is taken from the top level or from a ``state_dict`` / ``model`` / ``net``
+    entry; a ``module.`` prefix (DataParallel) is stripped. When ``model`` is given the
+    weights must fit it. Returns the number of tensors written.
+    """
+    if not src.is_file():
+        raise CheckpointError(f"file not found: {src}")
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"the output must end in .safetensors, got {dst}")
+    import pickle
+
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{src}: refused by torch.load(weights_only=True), nothing in it was executed: {first}"
+        ) from None
+    state: Any = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{src}: no state dict (a mapping of names to tensors) found")
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{src}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        tensors[str(k).removeprefix("module.")] = v.detach().cpu().contiguous()
+    if model is not None:
+        own = model.state_dict()
+        bad = sorted(set(own) ^ set(tensors))[:5]
+        shapes = [k for k in own if k in tensors and own[k].shape != tensors[k].shape][:5]
+        if bad or shapes:
+            raise CheckpointError(
+                f"{src}: weights do not fit {meta.get('arch')} "
+                f"(key differences {bad}, shape differences {shapes})"
+            )
+    from safetensors.torch import save
+
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    atomic_write_bytes(dst, save(tensors, metadata=header))
+    atomic_write_bytes(dst.with_suffix(".json"), (json.dumps(dict(meta), indent=2) + "\n").encode())
+    return len(tensors)

@@ -25,6 +25,8 @@ class SynthesisStep:
     labels: Tensor
     losses: Mapping[str, float] = field(default_factory=dict)
     trace: tuple[float, ...] = ()
+    finite: bool = True
+    """False when the images or the objective were not finite; such a batch is not stored."""
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ seeded runs repeat exactly and the state can be checkpointed.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,14 +94,20 @@ class SynthesisContext:
         out: ObjectiveOutput,
         trace: Sequence[float] = (),
     ) -> SynthesisStep:
-        """Store the batch in the bank and package the result."""
+        """Store the batch in the bank (unless it is not finite) and package the result."""
         images = images.detach()
-        self.bank.add(images, labels)
-        self.calls += 1
         losses = {k: float(v.detach()) for k, v in out.terms.items()}
         losses["total"] = float(out.total.detach())
+        finite = bool(torch.isfinite(images).all()) and math.isfinite(losses["total"])
+        if finite:
+            self.bank.add(images, labels)
+        self.calls += 1
         return SynthesisStep(
-            images=images, labels=labels.detach(), losses=losses, trace=tuple(trace)
+            images=images,
+            labels=labels.detach(),
+            losses=losses,
+            trace=tuple(trace),
+            finite=finite,
         )
 
     def sample(self, n: int) -> Tensor:
