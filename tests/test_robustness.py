@@ -17,11 +17,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import stars.distill.distiller as distiller_mod
-import stars.synthesis.objective as objective_mod
+import stars.synthesis.losses as synth_losses
 from stars.cli import app
 from stars.config import load_config
 from stars.distill.checkpoint import load_state
+from stars.distill.losses import kd_loss as real_kd_loss
 from stars.errors import StarsError
 from stars.models.io import save_model
 from stars.models.teachers import build_teacher_arch
@@ -205,7 +205,7 @@ def test_pickle_teacher_is_refused_by_distill(tmp_path: Path) -> None:
 def test_non_finite_kd_steps_are_skipped_and_counted(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = distiller_mod.kd_loss
+    real = real_kd_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -213,7 +213,7 @@ def test_non_finite_kd_steps_are_skipped_and_counted(
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] in (2, 5) else out
 
-    monkeypatch.setattr(distiller_mod, "kd_loss", sometimes_nan)
+    monkeypatch.setattr("stars.distill.distiller.kd_loss", sometimes_nan)
     result = run_distill(load_config(config(tmp_path, teacher_file)), show_progress=False)
     assert result.summary["skipped_kd_steps"] == 2
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -223,7 +223,7 @@ def test_non_finite_kd_steps_are_skipped_and_counted(
 def test_k_non_finite_kd_steps_in_a_row_stop_the_run(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = distiller_mod.kd_loss
+    real = real_kd_loss
     calls = {"n": 0}
 
     def nan_from_epoch_2(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -231,7 +231,7 @@ def test_k_non_finite_kd_steps_in_a_row_stop_the_run(
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] > 2 else out
 
-    monkeypatch.setattr(distiller_mod, "kd_loss", nan_from_epoch_2)
+    monkeypatch.setattr("stars.distill.distiller.kd_loss", nan_from_epoch_2)
     cfg = config(tmp_path, teacher_file)
     result = runner.invoke(app, ["distill", str(cfg)])
     assert result.exit_code == 2
@@ -243,12 +243,13 @@ def test_k_non_finite_kd_steps_in_a_row_stop_the_run(
 def test_k_non_finite_synthesis_steps_stop_the_run(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = objective_mod.L.bn_matching
+    real = synth_losses.bn_matching
 
     def nan_bn(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return real(*args, **kwargs) * float("nan")
+        out: torch.Tensor = real(*args, **kwargs) * float("nan")
+        return out
 
-    monkeypatch.setattr(objective_mod.L, "bn_matching", nan_bn)
+    monkeypatch.setattr(synth_losses, "bn_matching", nan_bn)
     cfg = config(
         tmp_path,
         teacher_file,
@@ -270,9 +271,7 @@ def test_k_non_finite_synthesis_steps_stop_the_run(
 def test_failed_checkpoint_write_keeps_the_previous_one(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stars.models.io as io_mod
-
-    real_fsync = io_mod.os.fsync
+    real_fsync = os.fsync
     writes = {"n": 0}
 
     def disk_full_on_second_checkpoint(fd: int) -> None:
@@ -282,7 +281,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(io_mod.os, "fsync", disk_full_on_second_checkpoint)
+    monkeypatch.setattr(os, "fsync", disk_full_on_second_checkpoint)
     with pytest.raises(StarsError, match=r"No space left on device.*previous checkpoint"):
         run_distill(load_config(config(tmp_path, teacher_file)), show_progress=False)
     run = tmp_path / "runs" / "r"
