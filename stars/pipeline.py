@@ -157,6 +157,7 @@ def build_components(cfg: RunConfig) -> Components:
         device=device,
         seed=cfg.seed,
         student_vth=cfg.student.neuron.v_threshold,
+        precision=cfg.precision,
     )
     optimizer = build_optimizer(cfg.distill.optimizer, student.parameters())
     warm = cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0

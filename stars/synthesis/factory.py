@@ -71,6 +71,7 @@ def build_synthesizer(
     device: torch.device,
     seed: int,
     student_vth: float | None = None,
+    precision: str = "fp32",
 ) -> AnySynthesizer:
     """Build the synthesizer of ``cfg.kind`` around a frozen ``teacher``.
 
@@ -82,6 +83,7 @@ def build_synthesizer(
         device: where synthesis runs.
         seed: seeds the synthesizer's own random generator (and the generator weights).
         student_vth: the student's firing threshold (TAR ``source: student-vth``).
+        precision: ``bf16`` runs the teacher and student forwards under autocast.
     """
     bn_momentum = cfg.bn_momentum if isinstance(cfg, FastSynthesis) else 0.0
     objective = SynthesisObjective(
@@ -90,6 +92,7 @@ def build_synthesizer(
         stars=stars,
         student_vth=student_vth,
         bn_momentum=bn_momentum,
+        precision=precision,
     )
     ctx = SynthesisContext(
         teacher,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from stars.config import StarsConfig
+from stars.runtime import autocast
 from stars.synthesis import losses as L
 from stars.synthesis.priors import (
     BNPrior,
@@ -105,6 +106,7 @@ class SynthesisObjective:
         student_vth: float | None = None,
         bn_momentum: float = 0.0,
         measure_inactive: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.teacher = teacher
         self.weights = weights
@@ -112,6 +114,9 @@ class SynthesisObjective:
         self.student_vth = student_vth
         self.bn_momentum = bn_momentum
         self.measure_inactive = measure_inactive
+        # bf16 autocast for the teacher and student forwards; fp16 would need a grad scaler
+        # per generator optimizer, so synthesis stays fp32 under ``precision: fp16``.
+        self.precision = precision if precision == "bf16" else "fp32"
         self.bn_layers: list[nn.Module] = list(teacher.bn_layers())  # type: ignore[operator]
         self.bn_prior: BNPrior = extract_bn_prior(self.bn_layers)
         self.tail_prior: TailPrior | None = None
@@ -158,7 +163,7 @@ class SynthesisObjective:
         ``grad_inactive`` keeps the graph of zero-weight STARS terms (for :meth:`grad_norms`).
         """
         w, cfg = self.weights, self.stars
-        with FeatureTap(self.bn_layers) as tap:
+        with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
             t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
             acts = [tap[m] for m in self.bn_layers]
         stats = [batch_stats(a) for a in acts]
@@ -195,7 +200,7 @@ class SynthesisObjective:
         s_acts: list[Tensor] = []
         if student is not None and student_active and self.needs_student:
             s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []  # type: ignore[operator]
-            with FeatureTap(s_bns) as s_tap:
+            with FeatureTap(s_bns) as s_tap, autocast(x.device, self.precision):
                 s_feats_seq, s_logits_seq = student.forward_features(x)  # type: ignore[operator]
                 s_acts = [s_tap[m] for m in s_bns]
             s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
