@@ -58,7 +58,14 @@ from stars.models.factory import build_teacher
 from stars.models.io import save_model
 from stars.models.students import build_student
 from stars.optim import build_optimizer, build_scheduler
-from stars.runtime import MetricsLog, make_run_dir, progress_bar, resolve_device, seed_everything
+from stars.runtime import (
+    MetricsLog,
+    make_run_dir,
+    maybe_compile,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+)
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
 
 __all__ = [
@@ -145,7 +152,7 @@ def build_components(cfg: RunConfig) -> Components:
         teacher = teacher.to(memory_format=torch.channels_last)
         student = student.to(memory_format=torch.channels_last)
     if cfg.compile:
-        teacher, student = _compiled(teacher), _compiled(student)
+        teacher, student = maybe_compile(teacher), maybe_compile(student)
     synthesizer = build_synthesizer(
         cfg.synthesis,
         cfg.stars,
@@ -213,64 +220,6 @@ def _dry_run(
                 f"{role} {arch} outputs {logits.shape[-1]} classes, the data has {geo.num_classes}"
             )
         del feats
-
-
-class _CompiledModel(nn.Module):
-    """``torch.compile`` of ``forward`` and ``forward_features``; keeps the other methods.
-
-    Compilation is lazy in torch: if the first compiled call fails, a warning is issued and
-    the model runs eagerly from then on (a genuine error then surfaces from the eager call).
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self._forward: Any = torch.compile(inner.forward)
-        self._features: Any = torch.compile(inner.forward_features)  # type: ignore[arg-type]
-        self.eager = False
-
-    def _run(self, compiled: Any, eager: Any, x: Tensor) -> Any:
-        if not self.eager:
-            try:
-                return compiled(x)
-            except Exception as exc:  # torch.compile raises many kinds; eager is always correct
-                import warnings
-
-                warnings.warn(f"torch.compile failed ({exc}); running eagerly", stacklevel=3)
-                self.eager = True
-        return eager(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self._run(self._forward, self._modules["inner"], x)
-        return out
-
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        inner = self._modules["inner"]
-        out: tuple[Tensor, Tensor] = self._run(self._features, inner.forward_features, x)  # type: ignore[union-attr]
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self._modules["inner"].state_dict(*args, **kwargs)  # type: ignore[union-attr]
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self._modules["inner"].load_state_dict(*args, **kwargs)  # type: ignore[union-attr]
-
-
-def _compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile`` the model's forwards; on failure warn and keep the eager model."""
-    import warnings
-
-    try:
-        return _CompiledModel(model)
-    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
-        warnings.warn(f"torch.compile failed ({exc}); running eagerly", stacklevel=2)
-        return model
 
 
 @dataclass

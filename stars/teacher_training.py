@@ -28,6 +28,7 @@ from stars.runtime import (
     MetricsLog,
     autocast,
     make_run_dir,
+    maybe_compile,
     progress_bar,
     resolve_device,
     seed_everything,
@@ -83,7 +84,9 @@ def train_teacher(
     model = build_teacher_arch(
         cfg.teacher.arch, num_classes=source.num_classes, image_size=source.image_size
     ).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = maybe_compile(model) if cfg.compile else model
     opt = build_optimizer(cfg.train.optimizer, model.parameters())
     sched = build_scheduler(
         cfg.train.schedule, opt, epochs=cfg.train.epochs, steps_per_epoch=len(loader)
@@ -99,10 +102,12 @@ def train_teacher(
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             for x, y in loader:
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x = x.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
                 with autocast(device, cfg.precision):
-                    logits = model(x)
+                    logits = forward(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(scaler.scale(loss))
