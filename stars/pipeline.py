@@ -78,6 +78,7 @@ __all__ = [
     "data_geometry",
     "run_distill",
     "save_grid",
+    "synthesizer_for",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -133,6 +134,25 @@ class Components:
         return max(1, self.cfg.distill.epochs - warm)
 
 
+def synthesizer_for(
+    cfg: RunConfig, teacher: nn.Module, geo: DataGeometry, device: torch.device
+) -> AnySynthesizer:
+    """The configured synthesizer around ``teacher`` (with the STARS plug-in)."""
+    return build_synthesizer(
+        cfg.synthesis,
+        cfg.stars,
+        teacher=teacher,
+        num_classes=geo.num_classes,
+        image_size=geo.image_size,
+        mean=geo.mean,
+        std=geo.std,
+        device=device,
+        seed=cfg.seed,
+        student_vth=cfg.student.neuron.v_threshold,
+        precision=cfg.precision,
+    )
+
+
 def build_components(cfg: RunConfig) -> Components:
     """Build teacher, student, synthesizer and distiller from a validated config."""
     device = resolve_device(cfg.device)
@@ -153,19 +173,7 @@ def build_components(cfg: RunConfig) -> Components:
         student = student.to(memory_format=torch.channels_last)
     if cfg.compile:
         teacher, student = maybe_compile(teacher), maybe_compile(student)
-    synthesizer = build_synthesizer(
-        cfg.synthesis,
-        cfg.stars,
-        teacher=teacher,
-        num_classes=geo.num_classes,
-        image_size=geo.image_size,
-        mean=geo.mean,
-        std=geo.std,
-        device=device,
-        seed=cfg.seed,
-        student_vth=cfg.student.neuron.v_threshold,
-        precision=cfg.precision,
-    )
+    synthesizer = synthesizer_for(cfg, teacher, geo, device)
     optimizer = build_optimizer(cfg.distill.optimizer, student.parameters())
     warm = cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0
     scheduler = build_scheduler(

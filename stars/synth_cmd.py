@@ -9,9 +9,8 @@ from rich.console import Console
 
 from stars.config import RunConfig
 from stars.models.factory import build_teacher
-from stars.pipeline import data_geometry, save_grid
+from stars.pipeline import data_geometry, save_grid, synthesizer_for
 from stars.runtime import progress_bar, resolve_device, seed_everything
-from stars.synthesis.factory import build_synthesizer
 
 __all__ = ["synthesize_images"]
 
@@ -25,18 +24,7 @@ def synthesize_images(cfg: RunConfig, *, num: int, out: Path, console: Console) 
     teacher = build_teacher(
         cfg.teacher, num_classes=geo.num_classes, image_size=geo.image_size, dataset=geo.name
     ).to(device)
-    synth = build_synthesizer(
-        cfg.synthesis,
-        cfg.stars,
-        teacher=teacher,
-        num_classes=geo.num_classes,
-        image_size=geo.image_size,
-        mean=geo.mean,
-        std=geo.std,
-        device=device,
-        seed=cfg.seed,
-        student_vth=cfg.student.neuron.v_threshold,
-    )
+    synth = synthesizer_for(cfg, teacher, geo, device)
     synth.ctx.bank.capacity = max(synth.ctx.bank.capacity, num)
     batches = -(-num // cfg.synthesis.batch_size)
     with progress_bar(console) as bar:

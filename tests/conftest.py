@@ -53,3 +53,18 @@ def materialize_cifar(tmp_path_factory: pytest.TempPathFactory) -> MaterializeCi
 def cifar_root(materialize_cifar: MaterializeCifar) -> Path:
     """A CIFAR-10 ImageFolder tree with 4 images per class in train/ and test/ (40 + 40)."""
     return materialize_cifar(4)
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialized CIFAR-10 ResNet-20 teacher saved as safetensors + metadata."""
+    import torch
+
+    from stars.models.io import save_model
+    from stars.models.teachers import build_teacher_arch
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    meta = {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32}
+    save_model(build_teacher_arch("resnet20", num_classes=10), path, meta)
+    return path

@@ -19,21 +19,9 @@ from typer.testing import CliRunner
 from stars.cli import app
 from stars.config import load_config
 from stars.distill.checkpoint import load_state
-from stars.models.io import save_model
-from stars.models.teachers import build_teacher_arch
 from stars.pipeline import run_distill
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    model = build_teacher_arch("resnet20", num_classes=10)
-    meta = {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32}
-    save_model(model, path, meta)
-    return path
 
 
 def tiny_config(tmp: Path, cifar: Path, teacher: Path, **extra: object) -> Path:

@@ -12,21 +12,13 @@ import torch
 import yaml
 
 from stars.config import load_config
-from stars.models.io import save_model
-from stars.models.teachers import build_teacher_arch
 from stars.pipeline import build_components, run_distill
 
 
 @pytest.fixture(scope="module")
-def cfg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cfg_path(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> Path:
     tmp = tmp_path_factory.mktemp("prec")
-    teacher = tmp / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_model(
-        build_teacher_arch("resnet20", num_classes=10),
-        teacher,
-        {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32},
-    )
+    teacher = teacher_file
     tree = {
         "device": "cpu",
         "output_dir": str(tmp / "runs"),

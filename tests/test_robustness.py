@@ -30,17 +30,6 @@ from stars.pipeline import run_distill
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    model = build_teacher_arch("resnet20", num_classes=10)
-    save_model(
-        model, path, {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32}
-    )
-    return path
-
-
 def config(tmp: Path, teacher: Path, **extra: Any) -> Path:
     tree: dict[str, Any] = {
         "seed": 0,
