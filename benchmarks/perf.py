@@ -1,0 +1,248 @@
+"""Performance benchmark: ratios measured within one run (this machine is shared and noisy).
+
+    python benchmarks/perf.py [--batch 64] [--repeats 7] [--out benchmarks/results/perf.json]
+
+1. Synthesis step with STARS / the same step without (Fast, one generator step, teacher
+   ResNet-20, student spiking_tiny at T = 4). The baseline does not measure the inactive
+   STARS terms (``measure_inactive = False``), so the ratio is the honest cost of STARS.
+   Goal <= 1.10.
+2. Spiking student training step / (T x the same architecture's ANN step with ReLU in place
+   of the neurons, T = 1): the cost of spiking beyond the T-fold convolution work. Goal <= 1.3.
+3. Peak memory of the spiking training step at T = 4 vs the ANN step: the growth of the
+   peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) over one training step in a
+   fresh process, Linux CPU only.
+4. Achieved throughput of the student step as a fraction of the measured fp32 matmul peak.
+
+Timings alternate the two sides of each ratio and report medians, so that load from other
+processes affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stars.config import (
+    FastSynthesis,
+    RCAConfig,
+    StarsConfig,
+    StudentConfig,
+    TARConfig,
+)
+from stars.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+from stars.distill.spikes import measure_spikes
+from stars.models.factory import build_teacher, bundled_teacher_path
+from stars.models.students import build_student
+from stars.models.teachers import build_teacher_arch
+from stars.neurons.spikingjelly_neurons import MultiStepNeuron
+from stars.synthesis.factory import build_synthesizer
+
+
+def _teacher() -> nn.Module:
+    from stars.config import TeacherConfig
+
+    if bundled_teacher_path().is_file():
+        return build_teacher(TeacherConfig(arch="resnet20"), num_classes=10)
+    torch.manual_seed(0)
+    model = build_teacher_arch("resnet20", num_classes=10)
+    return model.eval().requires_grad_(False)
+
+
+def _median_pair(
+    a: Callable[[], object], b: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def synthesis_ratio(batch: int, repeats: int) -> dict[str, float]:
+    teacher = _teacher()
+    student = build_student(StudentConfig(arch="spiking_tiny", T=4), num_classes=10)
+    cfg = FastSynthesis(batch_size=batch, g_steps=1, warmup_epochs=0, memory_size=4 * batch)
+    common: dict[str, Any] = dict(
+        teacher=teacher,
+        num_classes=10,
+        image_size=32,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        device=torch.device("cpu"),
+        seed=0,
+        student_vth=1.0,
+    )
+    base = build_synthesizer(cfg, StarsConfig(), **common)
+    base.ctx.objective.measure_inactive = False
+    on = build_synthesizer(
+        cfg,
+        StarsConfig(rca=RCAConfig(weight=0.1), tar=TARConfig(weight=10.0)),
+        **common,
+    )
+    t_base, t_stars = _median_pair(
+        lambda: base.synthesize(student), lambda: on.synthesize(student), repeats
+    )
+    return {"synthesis_base_s": t_base, "synthesis_stars_s": t_stars, "ratio": t_stars / t_base}
+
+
+def _ann_twin(student: nn.Module) -> nn.Module:
+    """The same network with ReLU in place of every spiking neuron."""
+    for name, module in list(student.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, MultiStepNeuron):
+                setattr(module, child_name, nn.ReLU())
+        del name
+    return student
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    out = model(x)
+    loss = out.float().mean() if out.dim() == 2 else out.float().mean(0).mean()
+    opt.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    opt.step()
+
+
+def spiking_ratio(batch: int, repeats: int, T: int = 4) -> dict[str, float]:
+    torch.manual_seed(0)
+    snn = build_student(StudentConfig(arch="spiking_tiny", T=T), num_classes=10)
+    ann = _ann_twin(build_student(StudentConfig(arch="spiking_tiny", T=1), num_classes=10))
+    x = torch.randn(batch, 3, 32, 32)
+    o1 = torch.optim.SGD(snn.parameters(), lr=1e-3, momentum=0.9)
+    o2 = torch.optim.SGD(ann.parameters(), lr=1e-3, momentum=0.9)
+    t_snn, t_ann = _median_pair(
+        lambda: _train_step(snn, o1, x), lambda: _train_step(ann, o2, x), repeats
+    )
+    # dense MACs of one forward at T steps (all layers counted as dense work)
+    stats = measure_spikes(snn, x[:8], torch.device("cpu"))
+    dense_macs = _dense_macs(snn, x[:8]) / 8
+    flops_step = 3 * 2 * dense_macs * batch  # forward + backward ~ 3 x forward
+    return {
+        "snn_step_s": t_snn,
+        "ann_step_s": t_ann,
+        "T": T,
+        "ratio": t_snn / (T * t_ann),
+        "dense_gflop_per_step": flops_step / 1e9,
+        "achieved_gflops": flops_step / t_snn / 1e9,
+        "mean_firing_rate": stats.mean_firing_rate,
+    }
+
+
+def _dense_macs(model: nn.Module, x: torch.Tensor) -> float:
+    total = 0.0
+    hooks = []
+
+    def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            total += out.numel() * k
+        elif isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+_MEM_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks.perf import _ann_twin, _train_step
+from stars.config import StudentConfig
+from stars.models.students import build_student
+T = int(sys.argv[1]); batch = int(sys.argv[2])
+torch.manual_seed(0)
+m = build_student(StudentConfig(arch="spiking_tiny", T=max(T, 1)), num_classes=10)
+if T == 0:
+    m = _ann_twin(m)
+x = torch.randn(batch, 3, 32, 32)
+opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM)
+before = status("VmRSS")
+_train_step(m, opt, x)
+print((status("VmHWM") - before) / 1024)
+"""
+
+
+def peak_memory(batch: int) -> dict[str, float]:
+    root = str(Path(__file__).resolve().parents[1])
+    out: dict[str, float] = {}
+    for label, t in (("snn_T4_mib", 4), ("ann_mib", 0)):
+        res = subprocess.run(
+            [sys.executable, "-c", _MEM_CHILD.format(root=root), str(t), str(batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[label] = float(res.stdout.strip().splitlines()[-1])
+    out["ratio"] = out["snn_T4_mib"] / max(out["ann_mib"], 1e-9)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/perf.json"))
+    args = p.parse_args()
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+    }
+    result["synthesis"] = synthesis_ratio(args.batch, args.repeats)
+    result["spiking"] = spiking_ratio(args.batch, args.repeats)
+    result["memory"] = peak_memory(args.batch)
+    peak = matmul_peak()
+    result["matmul_peak_gflops"] = peak
+    result["spiking"]["fraction_of_matmul_peak"] = result["spiking"]["achieved_gflops"] / peak
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
