@@ -195,3 +195,22 @@ def test_cli_bad_set_exits_2_naming_the_field(
     assert field in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_evaluate_teacher(trained: Trained, cifar_root: Path) -> None:
+    weights = trained.result.weights
+    result = CliRunner().invoke(
+        app, ["evaluate", str(weights), "--data", str(cifar_root), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.output and "MACs / image" in result.output
+    recorded = read_metadata(weights)["test_top1"]
+    import re
+
+    match = re.search(r"top-1 \(%\)\s*│\s*([0-9.]+)", result.output)
+    assert match is not None, result.output
+    assert float(match.group(1)) == pytest.approx(recorded, abs=2.5 + 1e-6)
+    missing = CliRunner().invoke(
+        app, ["evaluate", str(weights), "--data", str(cifar_root / "nope"), "--device", "cpu"]
+    )
+    assert missing.exit_code == 2 and "--data PATH" in missing.output
