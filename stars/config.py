@@ -424,11 +424,17 @@ class DistillConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
+    """Evaluation of the student (and the teacher, for reference) on real images."""
+
     enabled: bool = True
     every_epochs: PosInt = 10
     batch_size: PosInt = 256
     max_images: PosInt | None = None
-    """Evaluate on the first N test images only (quick checks); null = the whole split."""
+    """Evaluate on a fixed random subset of N images (quick checks); null = the whole split."""
+    split: Literal["test", "val"] = "test"
+    """``val``: a fixed subset of ``val_size`` *training* images (same for every seed and run),
+    for tuning without touching the test split; ``test``: the test split."""
+    val_size: PosInt = 5000
 
 
 class TrainConfig(_Frozen):

@@ -243,7 +243,15 @@ def _test_loader(cfg: RunConfig, console: Console) -> DataLoader[Any] | None:
     if not cfg.evaluation.enabled:
         return None
     try:
-        test = build_data(cfg.data).test()
+        source = build_data(cfg.data)
+        if cfg.evaluation.split == "val":
+            val = stratified_subset(source.train(augment=False), cfg.evaluation.val_size, 12345)
+            return DataLoader(
+                stratified_subset(val, cfg.evaluation.max_images, 0),
+                batch_size=cfg.evaluation.batch_size,
+                num_workers=cfg.data.num_workers,
+            )
+        test = source.test()
     except DataError as exc:
         console.print(f"[yellow]No test data: {exc}. Evaluation is skipped.[/]")
         return None

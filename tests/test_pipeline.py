@@ -227,3 +227,35 @@ def test_ablate_writes_table(tmp_path: Path, cifar_root: Path, teacher_file: Pat
     assert len(runs) == 4
     bad = runner.invoke(app, ["ablate", str(cfg), "--variants", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_validation_split_is_fixed_training_images(
+    tmp_path: Path, cifar_root: Path, teacher_file: Path
+) -> None:
+    from rich.console import Console
+
+    from stars.pipeline import _test_loader
+
+    cfg = load_config(
+        tiny_config(tmp_path, cifar_root, teacher_file),
+        ["evaluation.split=val", "evaluation.val_size=12", "evaluation.max_images=null"],
+    )
+    quiet = Console(quiet=True)
+    a = torch.cat([x for x, _ in _test_loader(cfg, quiet) or []])
+    b = torch.cat([x for x, _ in _test_loader(cfg.model_copy(update={"seed": 5}), quiet) or []])
+    assert a.shape[0] == 12 and torch.equal(a, b), "the same images for every run and seed"
+    test = torch.cat(
+        [
+            x
+            for x, _ in _test_loader(
+                load_config(
+                    tiny_config(tmp_path, cifar_root, teacher_file), ["evaluation.max_images=null"]
+                ),
+                quiet,
+            )
+            or []
+        ]
+    )
+    assert not any(torch.equal(v, t) for v in a for t in test), (
+        "validation images are not test images"
+    )
