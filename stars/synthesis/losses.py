@@ -44,6 +44,7 @@ __all__ = [
     "relation_matrix",
     "soft_exceedance",
     "tar_loss",
+    "tar_loss_with_exceedances",
     "time_mean",
     "total_variation",
 ]
@@ -435,11 +436,24 @@ def tar_loss(feats: Sequence[Tensor], prior: TailPrior) -> Tensor:
     Raises:
         ValueError: the number of layers differs from the prior's.
     """
+    return tar_loss_with_exceedances(feats, prior)[0]
+
+
+def tar_loss_with_exceedances(
+    feats: Sequence[Tensor], prior: TailPrior
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`tar_loss` and the soft exceedances ``e_l [K, C]`` it compared, per layer.
+
+    The exceedances let a caller check that no sigmoid is saturated (DESIGN.md's pitfall: an
+    exceedance stuck at 0 means no activation is near its threshold, hence no gradient).
+    """
     if len(feats) != len(prior.layers):
         raise ValueError(f"tar_loss: {len(feats)} feature maps for {len(prior.layers)} layers")
     terms: list[Tensor] = []
+    exceedances: list[Tensor] = []
     for h, layer in zip(feats, prior.layers, strict=True):
         e = soft_exceedance(h, layer.theta, layer.tau)
         p = layer.p.to(device=e.device, dtype=e.dtype)
         terms.append(((e - p).pow(2) / (p * (1.0 - p))).mean())
-    return torch.stack(terms).sum()
+        exceedances.append(e)
+    return torch.stack(terms).sum(), exceedances

@@ -240,7 +240,14 @@ class SynthesisObjective:
                 with torch.set_grad_enabled(
                     (tar_w > 0 or grad_inactive) and torch.is_grad_enabled()
                 ):
-                    add("tar", L.tar_loss(feats, prior), tar_w)
+                    tar, exceed = L.tar_loss_with_exceedances(feats, prior)
+                add("tar", tar, tar_w)
+                # Saturation check: the share of (layer, kappa, channel) whose soft exceedance
+                # is ~0 or ~1, i.e. whose sigmoids give (almost) no gradient to the images.
+                with torch.no_grad():
+                    flat = torch.cat([e.detach().flatten() for e in exceed])
+                    stuck = (flat < 1e-4) | (flat > 1 - 1e-4)
+                    terms["tar_saturated"] = stuck.float().mean()
 
         total = torch.zeros((), device=x.device)
         for name, weight in active.items():

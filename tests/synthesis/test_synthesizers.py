@@ -213,3 +213,18 @@ def test_grad_norms_reach_images_for_every_active_term() -> None:
     for name in ("bn", "oh", "tar", "rca"):
         assert name in norms
         assert norms[name] > 0, norms
+
+
+def test_tar_saturation_is_reported() -> None:
+    synth = make("fast", STARS_ON)
+    student = tiny_student()
+    step = synth.synthesize(student)
+    assert 0.0 <= step.losses["tar_saturated"] <= 1.0
+    # A flat batch gives each channel one value, on one side of each threshold: most
+    # exceedances are exactly 0 or 1, and their sigmoids pass no gradient.
+    obj = synth.ctx.objective
+    flat = torch.zeros(6, 3, SIZE, SIZE)
+    out = obj(flat, torch.zeros(6, dtype=torch.long), None)
+    assert float(out.terms["tar_saturated"]) > 0.5
+    varied = torch.randn(6, 3, SIZE, SIZE) * 100
+    assert float(obj(varied, torch.zeros(6, dtype=torch.long), None).terms["tar_saturated"]) < 0.1
