@@ -140,6 +140,14 @@ def distill(
     from stars.pipeline import Interrupted, run_distill
 
     cfg = load_config(path, set_ or [])
+    if resume is not None and (resume / "config.yaml").is_file():
+        saved = load_config(resume / "config.yaml")
+        if saved != cfg:
+            console.print(
+                f"[yellow]--resume uses the run's own config ({resume / 'config.yaml'}); "
+                f"the differences in {path} and --set are ignored.[/]",
+                soft_wrap=True,
+            )
     try:
         run_distill(cfg, resume=resume, overwrite=overwrite, console=console)
     except Interrupted as exc:
