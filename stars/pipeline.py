@@ -126,12 +126,10 @@ class Components:
     synthesizer: AnySynthesizer
     distiller: KDDistiller
 
-    @property
-    def kd_epochs(self) -> int:
-        warm = (
-            self.cfg.synthesis.warmup_epochs if isinstance(self.cfg.synthesis, FastSynthesis) else 0
-        )
-        return max(1, self.cfg.distill.epochs - warm)
+
+def warmup_epochs(cfg: RunConfig) -> int:
+    """Epochs without KD and without the adversarial terms (Fast's warm-up; 0 otherwise)."""
+    return cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0
 
 
 def synthesizer_for(
@@ -175,7 +173,7 @@ def build_components(cfg: RunConfig) -> Components:
         teacher, student = maybe_compile(teacher), maybe_compile(student)
     synthesizer = synthesizer_for(cfg, teacher, geo, device)
     optimizer = build_optimizer(cfg.distill.optimizer, student.parameters())
-    warm = cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0
+    warm = warmup_epochs(cfg)
     scheduler = build_scheduler(
         cfg.distill.schedule,
         optimizer,
@@ -474,7 +472,7 @@ def run_distill(
     d = cfg.distill
     synth_cfg = cfg.synthesis
     is_di = isinstance(synth_cfg, DeepInversionSynthesis)
-    warm = synth_cfg.warmup_epochs if isinstance(synth_cfg, FastSynthesis) else 0
+    warm = warmup_epochs(cfg)
     last_eval: Evaluation | None = None
 
     def n_synth(epoch: int) -> int:
