@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from stars.config import (
     CifarData,
@@ -275,10 +275,12 @@ class Evaluation:
     teacher_top1: float
     spikes: SpikeStats
     teacher_cost: ANNCost
+    skipped_images: int = 0
 
     def record(self) -> dict[str, Any]:
         return {
             "student_top1": self.student_top1,
+            "skipped_images": self.skipped_images,
             "teacher_top1": self.teacher_top1,
             "firing_rates": self.spikes.firing_rates,
             "mean_firing_rate": self.spikes.mean_firing_rate,
@@ -299,7 +301,14 @@ def evaluate_student(
     spikes = measure_spikes(comp.student, _images_only(loader, 512), comp.device)
     g = comp.geometry
     cost = measure_ann(comp.teacher, (3, g.image_size, g.image_size), comp.device)
-    return Evaluation(s_acc, t_acc, spikes, cost)
+    return Evaluation(s_acc, t_acc, spikes, cost, _skipped_images(loader.dataset))
+
+
+def _skipped_images(ds: object) -> int:
+    """Undecodable images the evaluation skipped (ImageFolder sources count them)."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return int(getattr(ds, "num_skipped", 0))
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -89,6 +89,7 @@ def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_fil
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["student_top1"] <= 100.0
     assert summary["evaluation"]["student_energy_uj"] > 0
+    assert summary["evaluation"]["skipped_images"] == 0
     assert set(summary["evaluation"]["firing_rates"])
     meta = json.loads((run / "student.json").read_text())
     assert meta["arch"] == "spiking_tiny" and meta["T"] == 2

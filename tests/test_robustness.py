@@ -315,3 +315,24 @@ def test_signals_stop_cleanly_and_resume(
     assert resumed.exit_code == 0, resumed.output
     assert "differences" in resumed.output and "are ignored" in resumed.output
     assert (run / "student.safetensors").is_file()
+
+
+def test_undecodable_test_image_is_skipped_and_counted(
+    tmp_path: Path, cifar_root: Path, teacher_file: Path
+) -> None:
+    import shutil
+
+    data = tmp_path / "cifar"
+    shutil.copytree(cifar_root, data)
+    broken = sorted((data / "test").rglob("*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg")
+    cfg = config(
+        tmp_path,
+        teacher_file,
+        data={"kind": "cifar10", "root": str(data)},
+        distill={"epochs": 1, "kd_steps_per_epoch": 1, "batch_size": 8},
+        evaluation={"enabled": True, "every_epochs": 1, "batch_size": 20},
+    )
+    with pytest.warns(UserWarning, match="skipping undecodable image"):
+        result = run_distill(load_config(cfg), show_progress=False)
+    assert result.summary["evaluation"]["skipped_images"] == 1
