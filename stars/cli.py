@@ -152,6 +152,11 @@ def distill(
         run_distill(cfg, resume=resume, overwrite=overwrite, console=console)
     except Interrupted as exc:
         raise typer.Exit(130 if exc.signum == 2 else 0) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @app.command()

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,6 +52,16 @@ from stars.data.datasets import (
 from stars.distill.checkpoint import load_state, save_state
 from stars.distill.distiller import KDDistiller
 from stars.distill.spikes import ANNCost, SpikeStats, energy_table, measure_ann, measure_spikes
+from stars.distributed import (
+    DistInfo,
+    broadcast_object,
+    ddp_features,
+    gather_batches,
+    gather_objects,
+    init_distributed,
+    max_rank_difference,
+    sync_buffers,
+)
 from stars.errors import StarsError
 from stars.evaluation import top1
 from stars.models.factory import build_teacher
@@ -67,6 +77,7 @@ from stars.runtime import (
     seed_everything,
 )
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.protocols import SynthesisStep
 
 __all__ = [
     "Components",
@@ -125,6 +136,7 @@ class Components:
     student: nn.Module
     synthesizer: AnySynthesizer
     distiller: KDDistiller
+    info: DistInfo = field(default_factory=DistInfo)
 
 
 def warmup_epochs(cfg: RunConfig) -> int:
@@ -151,9 +163,16 @@ def synthesizer_for(
     )
 
 
-def build_components(cfg: RunConfig) -> Components:
-    """Build teacher, student, synthesizer and distiller from a validated config."""
+def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components:
+    """Build teacher, student, synthesizer and distiller from a validated config.
+
+    Under torchrun (``info.world > 1``) each rank builds a synthesizer for its share of every
+    batch with its own seed, and the student's ``forward_features`` goes through DDP.
+    """
+    info = info or DistInfo()
     device = resolve_device(cfg.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     geo = data_geometry(cfg)
     seed_everything(cfg.seed)
     teacher: nn.Module = build_teacher(
@@ -171,7 +190,26 @@ def build_components(cfg: RunConfig) -> Components:
         student = student.to(memory_format=torch.channels_last)
     if cfg.compile:
         teacher, student = maybe_compile(teacher), maybe_compile(student)
-    synthesizer = synthesizer_for(cfg, teacher, geo, device)
+    synth_cfg = cfg
+    if info.enabled:
+        for field_path, size in (
+            ("synthesis.batch_size", cfg.synthesis.batch_size),
+            ("distill.batch_size", cfg.distill.batch_size),
+        ):
+            if size % info.world:
+                raise StarsError(
+                    f"{field_path} ({size}) must be divisible by the number of processes "
+                    f"({info.world}): each rank takes an equal share"
+                )
+        synth_cfg = cfg.model_copy(
+            update={
+                "seed": cfg.seed + 1000 * info.rank,
+                "synthesis": cfg.synthesis.model_copy(
+                    update={"batch_size": cfg.synthesis.batch_size // info.world}
+                ),
+            }
+        )
+    synthesizer = synthesizer_for(synth_cfg, teacher, geo, device)
     optimizer = build_optimizer(cfg.distill.optimizer, student.parameters())
     warm = warmup_epochs(cfg)
     scheduler = build_scheduler(
@@ -192,9 +230,11 @@ def build_components(cfg: RunConfig) -> Components:
         rca_delta=cfg.stars.rca.delta,
         device=device,
         precision=cfg.precision,
-        seed=cfg.seed + 1,
+        seed=cfg.seed + 1 + 1000 * info.rank,
+        features_fn=ddp_features(student, info, device) if info.enabled else None,
+        distributed=info.enabled,
     )
-    return Components(cfg, device, geo, teacher, student, synthesizer, distiller)
+    return Components(cfg, device, geo, teacher, student, synthesizer, distiller, info)
 
 
 def _dry_run(
@@ -362,23 +402,62 @@ def _summary_table(summary: Mapping[str, Any], evaluation: Evaluation | None) ->
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _without_bank(state: dict[str, Any]) -> dict[str, Any]:
+    ctx = dict(state["ctx"])
+    ctx.pop("bank")
+    return {**state, "ctx": ctx}
+
+
 def _state(comp: Components, epoch: int, extra: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+    """The resumable state (a collective under torchrun: every rank must call it)."""
+    synth = comp.synthesizer.state_dict()
+    state: dict[str, Any] = {
         "epoch": epoch,
+        "world": comp.info.world,
         "student": comp.student.state_dict(),
-        "synthesizer": comp.synthesizer.state_dict(),
+        "synthesizer": synth,
         "distiller": comp.distiller.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "extra": dict(extra),
     }
+    if comp.info.enabled:
+        # Each rank has its own generator, optimizers and random streams; the banks are equal.
+        own = {"synthesizer": _without_bank(synth), "distiller": comp.distiller.state_dict()}
+        state["ranks"] = gather_objects(own, comp.info)
+    return state
 
 
 def _restore(comp: Components, state: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    info = comp.info
+    if int(state.get("world", 1)) != info.world:
+        raise StarsError(
+            f"the checkpoint was written by {state.get('world', 1)} process(es); resume it with "
+            f"the same number (this run has {info.world})"
+        )
+    synth, distiller = state["synthesizer"], state["distiller"]
+    if info.enabled and info.rank > 0:
+        own = state["ranks"][info.rank]
+        synth = {
+            **own["synthesizer"],
+            "ctx": {**own["synthesizer"]["ctx"], "bank": synth["ctx"]["bank"]},
+        }
+        distiller = own["distiller"]
     comp.student.load_state_dict(state["student"])
-    comp.synthesizer.load_state_dict(state["synthesizer"])
-    comp.distiller.load_state_dict(state["distiller"])
+    comp.synthesizer.load_state_dict(synth)
+    comp.distiller.load_state_dict(distiller)
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"]), dict(state.get("extra") or {})
+
+
+def _share_batches(comp: Components, step: SynthesisStep) -> SynthesisStep:
+    """Data-parallel synthesis: add every rank's share, in rank order, to this rank's bank.
+
+    The step counts as finite only when every share is (so that all ranks agree)."""
+    shares = gather_batches(step.images, step.labels, step.finite, comp.info)
+    for share in shares:
+        if share is not None:
+            comp.synthesizer.ctx.bank.add(*share)
+    return replace(step, finite=all(s is not None for s in shares))
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
@@ -452,7 +531,10 @@ def run_distill(
     console: Console | None = None,
     show_progress: bool = True,
 ) -> DistillResult:
-    """Run (or resume) a distillation; returns the run directory and the summary."""
+    """Run (or resume) a distillation; returns the run directory and the summary.
+
+    Under ``torchrun`` every rank calls this; only rank 0 writes files and prints.
+    """
     console = console or Console()
     if resume is not None:
         saved = resume / "config.yaml"
@@ -460,18 +542,27 @@ def run_distill(
             raise StarsError(f"--resume {resume}: no {CHECKPOINT} there (nothing to resume)")
         cfg = load_config(saved)
         run = resume
-    comp = build_components(cfg)  # before any file is written: bad input leaves nothing
+    info = init_distributed(cfg.device)
+    main = info.is_main
+    if not main:
+        console, show_progress = Console(quiet=True), False
+    comp = build_components(cfg, info)  # before any file is written: bad input leaves nothing
+    comp.synthesizer.ctx.store = not info.enabled
     if resume is None:
-        run = make_run_dir(cfg.output_dir, cfg.name, "distill", overwrite=overwrite)
-        (run / "config.yaml").write_text(dump_yaml(cfg))
-        for stale in (CHECKPOINT, "metrics.jsonl", "summary.json"):
-            (run / stale).unlink(missing_ok=True)
+        if main:
+            run = make_run_dir(cfg.output_dir, cfg.name, "distill", overwrite=overwrite)
+            (run / "config.yaml").write_text(dump_yaml(cfg))
+            for stale in (CHECKPOINT, "metrics.jsonl", "summary.json"):
+                (run / stale).unlink(missing_ok=True)
+        if info.enabled:
+            run = Path(broadcast_object(str(run) if main else None, info))
 
-    loader = _test_loader(cfg, console)
+    loader = _test_loader(cfg, console) if main else None
     start_epoch, extra = 0, dict[str, Any]()
     if resume is not None:
         start_epoch, extra = _restore(comp, load_state(run / CHECKPOINT))
-        _trim_metrics(run / "metrics.jsonl", start_epoch)
+        if main:
+            _trim_metrics(run / "metrics.jsonl", start_epoch)
         console.print(f"Resuming {run} after epoch {start_epoch}/{cfg.distill.epochs}.")
     elapsed_before = float(extra.get("seconds", 0.0))
     bad_synth = int(extra.get("skipped_synthesis_steps", 0))
@@ -489,13 +580,13 @@ def run_distill(
             return d.epochs * d.synthesis_steps_per_epoch if epoch == 0 else 0
         return d.synthesis_steps_per_epoch
 
-    if resume is None:
+    if resume is None and main:
         with MetricsLog(run / "metrics.jsonl") as metrics:
             metrics.write({"event": "calibration", "epoch": 0} | calibrate(comp))
     try:
         with (
             _signals_raise(),
-            MetricsLog(run / "metrics.jsonl") as metrics,
+            MetricsLog(run / "metrics.jsonl" if main else None) as metrics,
             progress_bar(console if show_progress else Console(quiet=True)) as bar,
         ):
             total_s = sum(n_synth(e) for e in range(start_epoch, d.epochs))
@@ -508,6 +599,8 @@ def run_distill(
                 for _ in range(n_synth(epoch)):
                     step = comp.synthesizer.synthesize(comp.student)
                     bar.update(s_task, advance=1, info=f"bn {step.losses.get('bn', 0):.2f}")
+                    if info.enabled:
+                        step = _share_batches(comp, step)
                     if not step.finite:
                         bad_synth += 1
                         synth_in_a_row += 1
@@ -530,7 +623,8 @@ def run_distill(
                     )
                 if epoch >= warm:
                     for _ in range(d.kd_steps_per_epoch):
-                        out = comp.distiller.step(comp.synthesizer.sample(d.batch_size))
+                        batch = comp.synthesizer.sample(d.batch_size // info.world)
+                        out = comp.distiller.step(batch)
                         for k, v in out.parts.items():
                             kd[k].append(v)
                         bar.update(k_task, advance=1, info=f"loss {out.parts['loss']:.3f}")
@@ -541,6 +635,7 @@ def run_distill(
                                 f"{epoch} is in {run}. Lower distill.optimizer.lr or use "
                                 "precision fp32, then --resume."
                             )
+                sync_buffers(comp.student, info)
                 record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1}
                 record |= _means(syn, "synthesis") | _means(kd, "kd")
                 record["lr"] = comp.distiller.optimizer.param_groups[0]["lr"]
@@ -564,8 +659,11 @@ def run_distill(
                     "skipped_synthesis_steps": bad_synth,
                     "synthesis_in_a_row": synth_in_a_row,
                 }
+                state = _state(comp, epoch + 1, extra)
+                if not main:
+                    continue
                 try:
-                    save_state(run / CHECKPOINT, _state(comp, epoch + 1, extra))
+                    save_state(run / CHECKPOINT, state)
                 except OSError as exc:
                     raise StarsError(
                         f"cannot write the checkpoint of epoch {epoch + 1} to {run}: "
@@ -581,6 +679,9 @@ def run_distill(
         raise
 
     seconds = elapsed_before + time.time() - t0
+    rank_difference = max_rank_difference(comp.student, info) if info.enabled else 0.0
+    if not main:
+        return DistillResult(run, {})
     geo = comp.geometry
     s_acc = None if last_eval is None else last_eval.student_top1
     save_model(
@@ -609,6 +710,8 @@ def run_distill(
         "seconds": seconds,
         "skipped_kd_steps": comp.distiller.skipped,
         "skipped_synthesis_steps": bad_synth,
+        "processes": info.world,
+        "max_rank_difference": rank_difference,
         "synthesis": cfg.synthesis.kind,
         "stars": cfg.stars.model_dump(mode="json"),
     }

@@ -87,18 +87,24 @@ def make_run_dir(
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write."""
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write.
 
-    def __init__(self, path: Path) -> None:
+    ``path=None`` writes nothing (the ranks other than 0 of a data-parallel run).
+    """
+
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._fh: TextIO = path.open("a", encoding="utf-8")
+        self._fh: TextIO | None = path.open("a", encoding="utf-8") if path is not None else None
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            return
         self._fh.write(json.dumps(dict(record), default=_jsonable) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
     def __enter__(self) -> MetricsLog:
         return self

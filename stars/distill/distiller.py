@@ -9,7 +9,7 @@ whose loss or gradients are not finite is skipped (no parameter changes) and cou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -68,6 +68,8 @@ class KDDistiller:
         precision: str = "fp32",
         seed: int = 0,
         augment: bool = True,
+        features_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+        distributed: bool = False,
     ) -> None:
         self.student = student
         self.teacher = teacher
@@ -81,6 +83,11 @@ class KDDistiller:
         self.device = device or torch.device("cpu")
         self.precision = precision
         self.augment = augment
+        # Under DDP the student's forward_features is called through the DDP wrapper, and
+        # backward always runs (a rank that skipped it would leave the others waiting in the
+        # gradient all-reduce); non-finite gradients are then the same on every rank.
+        self.features_fn = features_fn
+        self.distributed = distributed
         self.rng = torch.Generator().manual_seed(seed)
         self.scaler = torch.amp.GradScaler(
             enabled=precision == "fp16" and self.device.type == "cuda"
@@ -97,7 +104,10 @@ class KDDistiller:
         with torch.no_grad(), autocast(self.device, self.precision):
             t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
         with autocast(self.device, self.precision):
-            s_feats_seq, s_logits_seq = self.student.forward_features(x)  # type: ignore[operator]
+            fwd: Callable[[Tensor], tuple[Tensor, Tensor]] = (
+                self.features_fn or self.student.forward_features  # type: ignore[assignment]
+            )
+            s_feats_seq, s_logits_seq = fwd(x)
         t_logits = t_logits.float()
         if self.loss_kind == "tet":
             kd = tet_kd_loss(s_logits_seq.float(), t_logits, temperature=self.temperature)
@@ -114,9 +124,9 @@ class KDDistiller:
             loss = loss + self.rca_weight * rca
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
-        if finite:
+        if finite or self.distributed:
             torch.autograd.backward(self.scaler.scale(loss))
-            finite = all(
+            finite = finite and all(
                 torch.isfinite(p.grad).all()
                 for p in self.student.parameters()
                 if p.grad is not None

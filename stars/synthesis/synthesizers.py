@@ -75,6 +75,8 @@ class SynthesisContext:
         self.rng = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.calls = 0
+        self.store = True
+        """Add finished batches to the bank (data-parallel runs add every rank's share)."""
 
     def labels(self, n: int) -> Tensor:
         """``n`` uniformly drawn class labels, sorted (as Fast/CMI do), on the device."""
@@ -99,7 +101,7 @@ class SynthesisContext:
         losses = {k: float(v.detach()) for k, v in out.terms.items()}
         losses["total"] = float(out.total.detach())
         finite = bool(torch.isfinite(images).all()) and math.isfinite(losses["total"])
-        if finite:
+        if finite and self.store:
             self.bank.add(images, labels)
         self.calls += 1
         return SynthesisStep(
