@@ -87,14 +87,12 @@ def test_two_processes_match_each_other_and_the_single_process_run(
         load_config(_config(tmp_path, cifar_root, teacher_file, "single")), show_progress=False
     ).summary
     # Not bitwise equal: each rank synthesizes its half of a batch with its own seed.
-    # Stated tolerance: the final KD loss within a factor of 2 of the single-process run's
-    # and the same teacher accuracy.
-    single_kd = next(
-        json.loads(x)
-        for x in (tmp_path / "runs" / "single" / "metrics.jsonl").read_text().splitlines()
-        if '"epoch", "epoch": 3' in x
-    )["kd/kd"]
-    assert 0.5 * single_kd <= epochs[-1]["kd/kd"] <= 2.0 * single_kd
+    # Stated tolerance: the KD loss averaged over the epochs is within 25% of the
+    # single-process run's (measured: 0.682 vs 0.674), and the teacher accuracy is the same.
+    lines = (tmp_path / "runs" / "single" / "metrics.jsonl").read_text().splitlines()
+    single_kd = [r["kd/kd"] for r in map(json.loads, lines) if r["event"] == "epoch"]
+    ddp_kd = [r["kd/kd"] for r in epochs]
+    assert abs(sum(ddp_kd) / 3 - sum(single_kd) / 3) <= 0.25 * sum(single_kd) / 3
     assert summary["teacher_top1"] == single["teacher_top1"]
 
 
