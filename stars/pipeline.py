@@ -357,14 +357,15 @@ def _skipped_images(ds: object) -> int:
 def save_grid(
     pixels: Tensor, labels: Tensor, path: Path, *, per_class: int = 8, max_classes: int = 20
 ) -> None:
-    """A PNG grid of uint8 images ``[N, C, H, W]``, one row per class (labels ``[N]``, up
-    to ``max_classes`` rows of ``per_class`` images)."""
+    """A PNG grid of uint8 images ``[N, C, H, W]`` (oldest first), one row per class
+    (labels ``[N]``): the newest ``per_class`` images of each of up to ``max_classes``
+    classes."""
     from torchvision.utils import save_image
 
     rows: list[Tensor] = []
     classes = sorted({int(c) for c in labels.tolist() if c >= 0})[:max_classes]
     for c in classes:
-        pick = pixels[labels == c][:per_class]
+        pick = pixels[labels == c][-per_class:]  # the newest images of the class
         if pick.shape[0] < per_class:
             pad = torch.zeros((per_class - pick.shape[0], *pixels.shape[1:]), dtype=pixels.dtype)
             pick = torch.cat([pick, pad])

@@ -242,3 +242,17 @@ def test_bundled_teacher_loads() -> None:
         out = teacher(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
+
+
+def test_saved_files_get_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    from stars.models.io import save_model as save
+    from stars.models.teachers import build_teacher_arch as arch
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "m.safetensors"
+    save(arch("resnet20", num_classes=10), path, {"arch": "resnet20"})
+    for p in (path, path.with_suffix(".json")):
+        assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
