@@ -449,6 +449,10 @@ class TrainConfig(_Frozen):
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_train_images: PosInt | None = None
     """Train on the first N images only (quick checks); null = the whole split."""
+    init_from: Path | None = None
+    """Start from these weights (a ``teacher.safetensors`` of an earlier run, same arch and
+    classes) instead of a random init: fine-tuning, or a second (warm-restart) schedule.
+    null = random init."""
 
 
 # ----------------------------------------------------------------------------- runs

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from stars.config import TeacherTrainConfig, dump_yaml
 from stars.data.datasets import build_data, stratified_subset
 from stars.evaluation import top1
-from stars.models.io import save_model
+from stars.models.io import load_model_weights, save_model
 from stars.models.teachers import build_teacher_arch
 from stars.optim import build_optimizer, build_scheduler
 from stars.runtime import (
@@ -60,11 +60,25 @@ def train_teacher(
     test_set = source.test() if cfg.evaluation.enabled else None
     if test_set is not None:
         test_set = stratified_subset(test_set, cfg.evaluation.max_images, 0)
+    seed_everything(cfg.seed)
+    model = build_teacher_arch(
+        cfg.teacher.arch, num_classes=source.num_classes, image_size=source.image_size
+    )
+    init_meta: dict[str, Any] | None = None
+    if cfg.train.init_from is not None:
+        init_meta = load_model_weights(
+            model,
+            cfg.train.init_from,
+            expect={
+                "arch": cfg.teacher.arch,
+                "num_classes": source.num_classes,
+                "image_size": source.image_size,
+            },
+        )
     run = make_run_dir(cfg.output_dir, cfg.name, "train-teacher", overwrite=overwrite)
     for stale in RUN_FILES:  # an overwritten run leaves nothing of the old one behind
         (run / stale).unlink(missing_ok=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
-    seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(
         train_set,
@@ -81,9 +95,7 @@ def train_teacher(
         if test_set is not None
         else None
     )
-    model = build_teacher_arch(
-        cfg.teacher.arch, num_classes=source.num_classes, image_size=source.image_size
-    ).to(device)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = maybe_compile(model) if cfg.compile else model
@@ -145,7 +157,8 @@ def train_teacher(
             "mean": list(source.mean),
             "std": list(source.std),
             "test_top1": acc,
-            "epochs": cfg.train.epochs,
+            "epochs": cfg.train.epochs + int((init_meta or {}).get("epochs") or 0),
+            "init_from": str(cfg.train.init_from) if cfg.train.init_from is not None else None,
             "config": cfg.model_dump(mode="json"),
         },
     )

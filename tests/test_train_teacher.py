@@ -214,3 +214,37 @@ def test_cli_evaluate_teacher(trained: Trained, cifar_root: Path) -> None:
         app, ["evaluate", str(weights), "--data", str(cifar_root / "nope"), "--device", "cpu"]
     )
     assert missing.exit_code == 2 and "--data PATH" in missing.output
+
+
+def test_init_from_starts_at_the_given_weights(trained: Trained, cifar_root: Path) -> None:
+    """With a vanishing learning rate, every parameter must stay at the init_from file's."""
+    tree = _tree(cifar_root, trained.cfg.output_dir, "restart")
+    tree["train"] |= {
+        "max_train_images": 16,
+        "init_from": str(trained.result.weights),
+        "optimizer": {"kind": "sgd", "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0},
+    }
+    tree["evaluation"] |= {"enabled": False}
+    result = train_teacher(TeacherTrainConfig.model_validate(tree), console=_quiet())
+    start = build_teacher_arch("resnet20", num_classes=10)
+    load_model_weights(start, trained.result.weights)
+    after = build_teacher_arch("resnet20", num_classes=10)
+    meta = load_model_weights(after, result.weights)
+    for (name, p0), (_, p1) in zip(start.named_parameters(), after.named_parameters(), strict=True):
+        torch.testing.assert_close(p0, p1, rtol=0, atol=1e-8, msg=name)
+    assert meta["init_from"] == str(trained.result.weights)
+    assert meta["epochs"] == 2 * EPOCHS  # the earlier run's epochs plus this one's
+
+
+def test_init_from_a_mismatched_checkpoint_exits_2(
+    trained: Trained, cifar_root: Path, tmp_path: Path
+) -> None:
+    tree = _tree(cifar_root, tmp_path, "mismatch")
+    tree["teacher"] = {"arch": "resnet32"}
+    tree["train"]["init_from"] = str(trained.result.weights)
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["train-teacher", str(config)])
+    assert result.exit_code == 2
+    assert "arch='resnet20'" in result.output and "resnet32" in result.output
+    assert not (tmp_path / "mismatch").exists(), "a refused run must not leave a directory"

@@ -14,7 +14,10 @@ on CPU a PyTorch implementation; on CUDA, by priority, its compiled CUDA kernels
 environment variable ``SJ_<NEURON>_CUDA_IMPLEMENTATION`` (e.g. ``SJ_LIF_CUDA_IMPLEMENTATION``),
 read when spikingjelly is imported. The configured backend therefore means:
 
-- ``"auto"``: spikingjelly's fused multi-step operator, implementation chosen by spikingjelly.
+- ``"auto"``: on CUDA, spikingjelly's fused multi-step operator, implementation chosen by
+  spikingjelly; on CPU, for LIF and IF, stars' memory-lean operator
+  (:mod:`stars.neurons.fused`: the same function, about a third of the memory), and
+  spikingjelly's operator for PLIF (learnable tau).
 - ``"torch"``: spikingjelly's pure-PyTorch reference path on every device (autograd through
   a Python loop over time). It is selected by handing the node a surrogate that is not a
   spikingjelly built-in, which spikingjelly documents as "Python surrogate callable ->
@@ -36,6 +39,8 @@ import torch
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import surrogate as sj_surrogate
 from torch import Tensor, nn
+
+from stars.neurons.fused import FusedNeuronParams, fused_multi_step
 
 __all__ = [
     "MultiStepNeuron",
@@ -132,6 +137,29 @@ class MultiStepNeuron(nn.Module):
         self.backend: NeuronBackend = backend
         self._checked_devices: set[torch.device] = set()
 
+    def _fused_params(self) -> FusedNeuronParams | None:
+        """The constants for :func:`fused_multi_step`, or ``None`` if it does not apply
+        (PLIF, or a surrogate other than spikingjelly's ATan / Sigmoid)."""
+        if self.kind == "plif" or self.backend != "auto":
+            return None
+        sg = getattr(self._sj, "surrogate_function", None)
+        kind: Literal["atan", "sigmoid"]
+        if isinstance(sg, sj_surrogate.ATan):
+            kind = "atan"
+        elif isinstance(sg, sj_surrogate.Sigmoid):
+            kind = "sigmoid"
+        else:
+            return None
+        return FusedNeuronParams(
+            tau=float(self._sj.tau) if self.kind == "lif" else None,
+            decay_input=bool(getattr(self._sj, "decay_input", True)),
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            detach_reset=bool(self._sj.detach_reset),
+            surrogate=kind,
+            alpha=float(sg.alpha),
+        )
+
     @property
     def _sj(self) -> Any:
         # The spikingjelly node, untyped (spikingjelly ships no type information).
@@ -202,6 +230,10 @@ class MultiStepNeuron(nn.Module):
         if x_seq.dim() < 2:
             raise ValueError(f"expected x_seq of shape [T, N, *], got {tuple(x_seq.shape)}")
         self._check_backend(x_seq.device)
+        if x_seq.device.type == "cpu":
+            params = self._fused_params()  # cheap; rebuilt so threshold changes apply
+            if params is not None:
+                return fused_multi_step(x_seq, params)
         v_reset = self.v_reset
         # The membrane potential is kept in float32 for half-precision inputs (more
         # accurate, and what spikingjelly's fused kernels expect), else in the input dtype.
