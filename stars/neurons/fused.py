@@ -78,7 +78,7 @@ def _reset(p: FusedNeuronParams, h: Tensor, fired: Tensor) -> Tensor:
     """The potential after firing (a new tensor; ``h`` is left as it is)."""
     if p.v_reset is None:
         return h - fired.to(h.dtype) * p.v_threshold
-    return torch.where(fired, torch.full_like(h, p.v_reset), h)
+    return h.masked_fill(fired, p.v_reset)
 
 
 def _surrogate_grad(p: FusedNeuronParams, h: Tensor) -> Tensor:
