@@ -1,0 +1,73 @@
+"""``benchmarks/paper_table.py``: runs each (variant, seed) once, resumes, tabulates."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import paper_table
+
+TINY = [
+    "distill.epochs=1",
+    "distill.kd_steps_per_epoch=1",
+    "distill.batch_size=8",
+    "synthesis.batch_size=8",
+    "synthesis.g_steps=1",
+    "synthesis.warmup_epochs=0",
+    "evaluation.batch_size=40",
+    "evaluation.val_size=20",
+    "evaluation.every_epochs=1",
+]
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", *args])
+    paper_table.main()
+
+
+def test_runs_resumes_and_tabulates(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "results"
+    sets = [*TINY, f"data.root={cifar_root}", f"output_dir={tmp_path / 'runs'}"]
+    args = ["--family", "fast", "--split", "val", "--seeds", "1", "--out", str(out)]
+    args += ["--variants", "baseline,stars"]
+    for s in sets:
+        args += ["--set", s]
+    _main(monkeypatch, args)
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"], r["split"]) for r in runs] == [
+        ("baseline", 0, "val"),
+        ("stars", 0, "val"),
+    ]
+    assert all(0.0 <= r["student_top1"] <= 100.0 for r in runs)
+    assert len({r["config_sha"] for r in runs}) == 1
+    assert "synthesis/bn" in runs[0]["diagnostics"]
+    assert "grad_norm/bn" in runs[0]["diagnostics"]["calibration"]
+    assert runs[0]["diagnostics"]["eval_curve"][-1] == [1, runs[0]["student_top1"]]
+
+    _main(monkeypatch, args)  # everything done: nothing runs again
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+    table = json.loads((out / "table.json").read_text())
+    assert [(t["family"], t["split"]) for t in table] == [("fast", "val")]
+    rows = {row["variant"]: row for row in table[0]["variants"]}
+    assert set(rows) == {"baseline", "stars"}
+    assert rows["stars"]["top1"] == [runs[1]["student_top1"]]
+    md = (out / "table.md").read_text()
+    assert "| baseline | 1 |" in md and "+0.00" in md
+
+
+def test_family_config_hash_tracks_overrides() -> None:
+    a = paper_table.family_config("fast", "val", [])
+    b = paper_table.family_config("fast", "val", ["distill.epochs=2"])
+    c = paper_table.family_config("fast", "test", [])
+    assert a[0].evaluation.split == "val" and c[0].evaluation.split == "test"
+    assert len({a[1], b[1], c[1]}) == 3
+    assert paper_table.family_config("fast", "val", [])[1] == a[1]
+    assert paper_table.family_config("deepinversion", "val", [])[0].synthesis.kind == (
+        "deepinversion"
+    )
