@@ -1,0 +1,22 @@
+"""``benchmarks/perf.py`` helpers: the ANN twin and the memory probe (small batch)."""
+
+from __future__ import annotations
+
+from benchmarks.perf import _ann_twin, peak_memory
+from stars.config import StudentConfig
+from stars.models.students import build_student
+from stars.neurons import MultiStepNeuron
+
+
+def test_ann_twin_has_no_spiking_neuron_left() -> None:
+    twin = _ann_twin(build_student(StudentConfig(arch="spiking_tiny", T=1), num_classes=10))
+    assert not any(isinstance(m, MultiStepNeuron) for m in twin.modules())
+
+
+def test_peak_memory_probe() -> None:
+    """The spiking step at T=4 needs more live memory than its ANN twin, and the fused
+    neuron keeps it under the 4.5x goal at a small batch too."""
+    mem = peak_memory(16)
+    assert mem["snn_T4_live_mib"] > mem["ann_live_mib"] > 0
+    assert 1.0 < mem["ratio_live"] < 4.5
+    assert mem["snn_T4_rss_mib"] > 0
