@@ -68,7 +68,8 @@ def family_config(family: str, split: str, overrides: list[str]) -> tuple[RunCon
 
 def diagnostics(run_dir: Path, last: int = 10) -> dict[str, Any]:
     """Mean of each loss term over the last ``last`` epochs, and the calibration record
-    (gradient norm of each synthesis term at the generator)."""
+    and the end-of-run ``term_gradients`` (gradient norm of each synthesis term on the images,
+at the start and on memory-bank images at the end)."""
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch"][-last:]
     out: dict[str, Any] = {}
@@ -76,9 +77,10 @@ def diagnostics(run_dir: Path, last: int = 10) -> dict[str, Any]:
         values = [float(r[key]) for r in epochs if key in r]
         if values:
             out[key] = statistics.fmean(values)
-    calibration = next((r for r in records if r.get("event") == "calibration"), None)
-    if calibration is not None:
-        out["calibration"] = {k: v for k, v in calibration.items() if "/" in k}
+    for event in ("calibration", "term_gradients"):
+        found = next((r for r in records if r.get("event") == event), None)
+        if found is not None:
+            out[event] = {k: v for k, v in found.items() if "/" in k}
     evals = [r for r in records if r.get("event") == "eval"]
     if evals:
         out["mean_firing_rate"] = evals[-1].get("mean_firing_rate")

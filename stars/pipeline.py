@@ -90,6 +90,7 @@ __all__ = [
     "run_distill",
     "save_grid",
     "synthesizer_for",
+    "term_gradients",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -520,6 +521,25 @@ def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
     return out
 
 
+def term_gradients(comp: Components, n: int = 32) -> dict[str, float]:
+    """:func:`calibrate`'s measurement at the end of a run, on ``n`` memory-bank images with
+    the teacher's labels and the trained student: does each term still reach the images,
+    and how strongly against BN (a stalled term reads 0). Its own random stream."""
+    bank = comp.synthesizer.ctx.bank
+    if len(bank) == 0:
+        return {}
+    gen = torch.Generator().manual_seed(comp.cfg.seed + 11)
+    x = bank.sample(n, generator=gen).to(comp.device)
+    with torch.no_grad():
+        y = comp.teacher(x).argmax(1)
+    norms = comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student)
+    out = {f"grad_norm/{k}": v for k, v in norms.items()}
+    bn = norms.get("bn", 0.0)
+    if bn > 0:
+        out |= {f"ratio/{k}": v / bn for k, v in norms.items() if k != "bn"}
+    return out
+
+
 def _means(acc: Mapping[str, list[float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": sum(v) / len(v) for k, v in acc.items() if v}
 
@@ -683,6 +703,8 @@ def run_distill(
     rank_difference = max_rank_difference(comp.student, info) if info.enabled else 0.0
     if not main:
         return DistillResult(run, {})
+    with MetricsLog(run / "metrics.jsonl") as metrics:
+        metrics.write({"event": "term_gradients", "epoch": d.epochs} | term_gradients(comp))
     geo = comp.geometry
     s_acc = None if last_eval is None else last_eval.student_top1
     save_model(

@@ -47,6 +47,7 @@ def test_runs_resumes_and_tabulates(
     assert len({r["config_sha"] for r in runs}) == 1
     assert "synthesis/bn" in runs[0]["diagnostics"]
     assert "grad_norm/bn" in runs[0]["diagnostics"]["calibration"]
+    assert runs[1]["diagnostics"]["term_gradients"]["grad_norm/tar"] > 0
     assert runs[0]["diagnostics"]["eval_curve"][-1] == [1, runs[0]["student_top1"]]
 
     _main(monkeypatch, args)  # everything done: nothing runs again
