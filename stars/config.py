@@ -437,6 +437,19 @@ class EvalConfig(_Frozen):
     val_size: PosInt = 5000
 
 
+class SWAConfig(_Frozen):
+    """Stochastic weight averaging (Izmailov et al., UAI 2018; ``torch.optim.swa_utils``):
+    from epoch ``start_epoch`` on, the learning rate anneals to ``lr`` over
+    ``anneal_epochs`` and stays there, the weights after each epoch are averaged, and the
+    saved (and evaluated) teacher is the average, with its BN statistics recomputed on the
+    training images."""
+
+    start_epoch: Annotated[int, Field(ge=0)] = 0
+    """Epochs of the normal schedule before averaging starts (0 = average from the start)."""
+    lr: PosFloat = 0.01
+    anneal_epochs: Annotated[int, Field(ge=0)] = 1
+
+
 class TrainConfig(_Frozen):
     """Supervised training of an ANN teacher on real data (``stars train-teacher``)."""
 
@@ -449,6 +462,8 @@ class TrainConfig(_Frozen):
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_train_images: PosInt | None = None
     """Train on the first N images only (quick checks); null = the whole split."""
+    swa: SWAConfig | None = None
+    """null = no weight averaging."""
     init_from: Path | None = None
     """Start from these weights (a ``teacher.safetensors`` of an earlier run, same arch and
     classes) instead of a random init: fine-tuning, or a second (warm-restart) schedule.

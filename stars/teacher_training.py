@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from torch import Tensor
+from torch.optim import swa_utils
 from torch.utils.data import DataLoader
 
 from stars.config import TeacherTrainConfig, dump_yaml
 from stars.data.datasets import build_data, stratified_subset
+from stars.errors import StarsError
 from stars.evaluation import top1
 from stars.models.io import load_model_weights, save_model
 from stars.models.teachers import build_teacher_arch
@@ -49,11 +53,24 @@ class TeacherResult:
     seconds: float
 
 
+def _images(loader: DataLoader[Any], device: torch.device, channels_last: bool) -> Iterator[Tensor]:
+    """The loader's images on ``device`` (for ``update_bn``)."""
+    for x, _ in loader:
+        x = x.to(device)
+        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def train_teacher(
     cfg: TeacherTrainConfig, *, overwrite: bool = False, console: Console | None = None
 ) -> TeacherResult:
     """Train the configured teacher; returns where the weights went and the test top-1."""
     console = console or Console()
+    swa = cfg.train.swa
+    if swa is not None and swa.start_epoch >= cfg.train.epochs:
+        raise StarsError(
+            f"train.swa.start_epoch={swa.start_epoch} leaves no epoch to average "
+            f"(train.epochs={cfg.train.epochs}); allowed: 0..{cfg.train.epochs - 1}"
+        )
     device = resolve_device(cfg.device)
     source = build_data(cfg.data)
     train_set = stratified_subset(source.train(augment=True), cfg.train.max_train_images, cfg.seed)
@@ -103,6 +120,8 @@ def train_teacher(
     sched = build_scheduler(
         cfg.train.schedule, opt, epochs=cfg.train.epochs, steps_per_epoch=len(loader)
     )
+    averaged = swa_utils.AveragedModel(model) if swa is not None else None
+    swa_sched: swa_utils.SWALR | None = None  # built when averaging starts
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and device.type == "cuda")
     start = time.time()
     acc: float | None = None
@@ -111,6 +130,13 @@ def train_teacher(
     with MetricsLog(run / "metrics.jsonl") as metrics, progress_bar(console) as bar:
         task = bar.add_task("train-teacher", total=cfg.train.epochs * len(loader), info="")
         for epoch in range(cfg.train.epochs):
+            averaging = swa is not None and epoch >= swa.start_epoch
+            if swa is not None and epoch == swa.start_epoch:
+                if swa.anneal_epochs == 0:
+                    for group in opt.param_groups:
+                        group["lr"] = swa.lr
+                else:  # anneals from the current rate to swa.lr, stepped once per epoch
+                    swa_sched = swa_utils.SWALR(opt, swa_lr=swa.lr, anneal_epochs=swa.anneal_epochs)
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             for x, y in loader:
@@ -125,7 +151,8 @@ def train_teacher(
                 torch.autograd.backward(scaler.scale(loss))
                 scaler.step(opt)
                 scaler.update()
-                sched.step()
+                if not averaging:
+                    sched.step()
                 loss_sum += float(loss.detach()) * y.numel()
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += y.numel()
@@ -138,7 +165,15 @@ def train_teacher(
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": time.time() - start,
             }
+            if averaging and averaged is not None:
+                averaged.update_parameters(model)
+                if swa_sched is not None:
+                    swa_sched.step()
             last = epoch + 1 == cfg.train.epochs
+            if last and averaged is not None:
+                swa_utils.update_bn(_images(loader, device, cfg.channels_last), averaged)
+                model.load_state_dict(averaged.module.state_dict())
+                record["swa_averaged_epochs"] = int(averaged.n_averaged)
             if test_loader is not None and (last or (epoch + 1) % cfg.evaluation.every_epochs == 0):
                 acc = top1(model, test_loader, device)
                 record["test_top1"] = acc
@@ -159,6 +194,7 @@ def train_teacher(
             "test_top1": acc,
             "epochs": cfg.train.epochs + int((init_meta or {}).get("epochs") or 0),
             "init_from": str(cfg.train.init_from) if cfg.train.init_from is not None else None,
+            "swa": None if swa is None else swa.model_dump(),
             "config": cfg.model_dump(mode="json"),
         },
     )

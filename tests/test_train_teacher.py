@@ -248,3 +248,31 @@ def test_init_from_a_mismatched_checkpoint_exits_2(
     assert result.exit_code == 2
     assert "arch='resnet20'" in result.output and "resnet32" in result.output
     assert not (tmp_path / "mismatch").exists(), "a refused run must not leave a directory"
+
+
+def test_swa_saves_the_average_and_evaluates_it(cifar_root: Path, tmp_path: Path) -> None:
+    tree = _tree(cifar_root, tmp_path, "swa")
+    tree["train"] |= {"epochs": 3, "max_train_images": 16, "swa": {"start_epoch": 1}}
+    result = train_teacher(TeacherTrainConfig.model_validate(tree), console=_quiet())
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["swa_averaged_epochs"] == 2
+    assert records[-1]["lr"] == pytest.approx(0.01)  # annealed to swa.lr
+    meta = read_metadata(result.weights)
+    assert meta["swa"] == {"start_epoch": 1, "lr": 0.01, "anneal_epochs": 1}
+    model = build_teacher_arch("resnet20", num_classes=10)
+    load_model_weights(model, result.weights)
+    test = build_data(TeacherTrainConfig.model_validate(tree).data).test()
+    assert test is not None
+    acc = top1(model, DataLoader(test, batch_size=64), torch.device("cpu"))
+    assert acc == pytest.approx(result.test_top1, abs=2.5 + 1e-6)
+
+
+def test_swa_start_after_the_last_epoch_exits_2(cifar_root: Path, tmp_path: Path) -> None:
+    tree = _tree(cifar_root, tmp_path, "swa-late")
+    tree["train"]["swa"] = {"start_epoch": EPOCHS}
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["train-teacher", str(config)])
+    assert result.exit_code == 2
+    assert "train.swa.start_epoch" in result.output
+    assert not (tmp_path / "swa-late").exists()
