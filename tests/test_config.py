@@ -22,7 +22,10 @@ from stars.config import (
 )
 
 runner = CliRunner()
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+_ROOT = Path(__file__).parent.parent
+CONFIGS = sorted(
+    [*(_ROOT / "configs").rglob("*.yaml"), *(_ROOT / "benchmarks" / "paper_table").glob("*.yaml")]
+)
 
 
 def _write(tmp_path: Path, text: str) -> Path:

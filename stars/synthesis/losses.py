@@ -409,9 +409,12 @@ def soft_exceedance(h: Tensor, theta: Tensor, tau: Tensor) -> Tensor:
     view = (1, c) + (1,) * (x.ndim - 2)
     dims = (0, *range(2, x.ndim))
     theta = theta.to(device=x.device, dtype=x.dtype)
-    inv_tau = tau.to(device=x.device, dtype=x.dtype).reciprocal().view(view)
+    inv_tau = tau.to(device=x.device, dtype=x.dtype).reciprocal()
+    # (x - theta) / tau as one fused x * (1/tau) + (-theta/tau): one pass over x per kappa
+    shift = (-theta * inv_tau).unsqueeze(-1).expand(-1, -1, 1).reshape(theta.shape[0], *view)
+    scale = inv_tau.view(view)
     rows = [
-        torch.sigmoid((x - theta[k].view(view)) * inv_tau).mean(dim=dims)
+        torch.sigmoid(torch.addcmul(shift[k], x, scale)).mean(dim=dims)
         for k in range(theta.shape[0])
     ]
     return torch.stack(rows)
