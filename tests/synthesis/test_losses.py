@@ -325,6 +325,36 @@ def test_soft_exceedance_is_a_monotone_probability(seed: int, k: int, c: int, ta
 
 
 @FAST
+@given(
+    seed=seeds,
+    k=st.integers(1, 3),
+    c=st.integers(1, 3),
+    tau=st.floats(0.05, 2.0),
+    spatial=st.booleans(),
+)
+def test_soft_exceedance_gradient_is_exact(
+    seed: int, k: int, c: int, tau: float, spatial: bool
+) -> None:
+    """The lean backward equals autograd through mean(sigmoid((h - theta) / tau)), and
+    passes gradcheck in float64."""
+    g = _gen(seed)
+    shape = (3, c, 2, 2) if spatial else (5, c)
+    h = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    theta = torch.randn(k, c, generator=g, dtype=torch.float64)
+    taus = torch.full((c,), tau, dtype=torch.float64)
+    upstream = torch.randn(k, c, generator=g, dtype=torch.float64)
+    (fast,) = torch.autograd.grad((soft_exceedance(h, theta, taus) * upstream).sum(), h)
+    view = (1, c) + (1,) * (len(shape) - 2)
+    dims = (0, *range(2, len(shape)))
+    ref_e = torch.stack(
+        [torch.sigmoid((h - theta[j].view(view)) / taus.view(view)).mean(dims) for j in range(k)]
+    )
+    (ref,) = torch.autograd.grad((ref_e * upstream).sum(), h)
+    torch.testing.assert_close(fast, ref)
+    assert torch.autograd.gradcheck(lambda x: soft_exceedance(x, theta, taus), (h,))
+
+
+@FAST
 @given(seed=seeds, c=st.integers(1, 3))
 def test_soft_exceedance_tends_to_the_indicator_fraction(seed: int, c: int) -> None:
     g = _gen(seed)
