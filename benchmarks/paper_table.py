@@ -68,8 +68,8 @@ def family_config(family: str, split: str, overrides: list[str]) -> tuple[RunCon
 
 def diagnostics(run_dir: Path, last: int = 10) -> dict[str, Any]:
     """Mean of each loss term over the last ``last`` epochs, and the calibration record
-    and the end-of-run ``term_gradients`` (gradient norm of each synthesis term on the images,
-at the start and on memory-bank images at the end)."""
+        and the end-of-run ``term_gradients`` (gradient norm of each synthesis term on the images,
+    at the start and on memory-bank images at the end)."""
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch"][-last:]
     out: dict[str, Any] = {}

@@ -77,12 +77,15 @@ def _median_pair(
     return statistics.median(ta), statistics.median(tb)
 
 
-def synthesis_ratio(batch: int, repeats: int) -> dict[str, float]:
-    teacher = _teacher()
-    student = build_student(StudentConfig(arch="spiking_tiny", T=4), num_classes=10)
-    cfg = FastSynthesis(batch_size=batch, g_steps=1, warmup_epochs=0, memory_size=4 * batch)
-    common: dict[str, Any] = dict(
-        teacher=teacher,
+STARS_ON = StarsConfig(rca=RCAConfig(weight=0.1), tar=TARConfig(weight=10.0))
+
+
+def _fast_synthesizer(batch: int, stars: StarsConfig) -> Any:
+    """One-generator-step Fast synthesis, bundled teacher, CIFAR-10 geometry, CPU."""
+    return build_synthesizer(
+        FastSynthesis(batch_size=batch, g_steps=1, warmup_epochs=0, memory_size=4 * batch),
+        stars,
+        teacher=_teacher(),
         num_classes=10,
         image_size=32,
         mean=CIFAR10_MEAN,
@@ -91,13 +94,13 @@ def synthesis_ratio(batch: int, repeats: int) -> dict[str, float]:
         seed=0,
         student_vth=1.0,
     )
-    base = build_synthesizer(cfg, StarsConfig(), **common)
+
+
+def synthesis_ratio(batch: int, repeats: int) -> dict[str, float]:
+    student = build_student(StudentConfig(arch="spiking_tiny", T=4), num_classes=10)
+    base = _fast_synthesizer(batch, StarsConfig())
     base.ctx.objective.measure_inactive = False
-    on = build_synthesizer(
-        cfg,
-        StarsConfig(rca=RCAConfig(weight=0.1), tar=TARConfig(weight=10.0)),
-        **common,
-    )
+    on = _fast_synthesizer(batch, STARS_ON)
     t_base, t_stars = _median_pair(
         lambda: base.synthesize(student), lambda: on.synthesize(student), repeats
     )
@@ -251,18 +254,7 @@ def profile_tables(batch: int) -> str:
         for _ in range(3):
             _train_step(snn, opt, x)
     kd = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    synth = build_synthesizer(
-        FastSynthesis(batch_size=batch, g_steps=1, warmup_epochs=0, memory_size=4 * batch),
-        StarsConfig(rca=RCAConfig(weight=0.1), tar=TARConfig(weight=10.0)),
-        teacher=_teacher(),
-        num_classes=10,
-        image_size=32,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
-        device=torch.device("cpu"),
-        seed=0,
-        student_vth=1.0,
-    )
+    synth = _fast_synthesizer(batch, STARS_ON)
     synth.synthesize(snn)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         synth.synthesize(snn)

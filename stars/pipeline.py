@@ -500,6 +500,15 @@ def _signals_raise() -> Iterator[None]:
 # ----------------------------------------------------------------------------- the run
 
 
+def _norm_record(norms: Mapping[str, float]) -> dict[str, float]:
+    """``grad_norm/<term>`` and ``ratio/<term>`` (over the BN term's norm) for a metrics line."""
+    out = {f"grad_norm/{k}": v for k, v in norms.items()}
+    bn = norms.get("bn", 0.0)
+    if bn > 0:
+        out |= {f"ratio/{k}": v / bn for k, v in norms.items() if k != "bn"}
+    return out
+
+
 def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
     """Gradient norm of each synthesis term on the images at the start of synthesis.
 
@@ -513,12 +522,7 @@ def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
     gen = torch.Generator().manual_seed(comp.cfg.seed + 7)
     x = torch.randn(n, 3, g.image_size, g.image_size, generator=gen).to(comp.device)
     y = (torch.arange(n) % g.num_classes).to(comp.device)
-    norms = comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student)
-    out = {f"grad_norm/{k}": v for k, v in norms.items()}
-    bn = norms.get("bn", 0.0)
-    if bn > 0:
-        out |= {f"ratio/{k}": v / bn for k, v in norms.items() if k != "bn"}
-    return out
+    return _norm_record(comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student))
 
 
 def term_gradients(comp: Components, n: int = 32) -> dict[str, float]:
@@ -532,12 +536,7 @@ def term_gradients(comp: Components, n: int = 32) -> dict[str, float]:
     x = bank.sample(n, generator=gen).to(comp.device)
     with torch.no_grad():
         y = comp.teacher(x).argmax(1)
-    norms = comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student)
-    out = {f"grad_norm/{k}": v for k, v in norms.items()}
-    bn = norms.get("bn", 0.0)
-    if bn > 0:
-        out |= {f"ratio/{k}": v / bn for k, v in norms.items() if k != "bn"}
-    return out
+    return _norm_record(comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student))
 
 
 def _means(acc: Mapping[str, list[float]], prefix: str) -> dict[str, float]:

@@ -62,15 +62,9 @@ def _charge(p: FusedNeuronParams, v: Tensor, x: Tensor, out: Tensor) -> Tensor:
         return torch.add(v, x, out=out)
     vr = 0.0 if p.v_reset is None else p.v_reset
     k = 1.0 / p.tau
-    torch.mul(v, 1.0 - k, out=out)
-    if p.decay_input:
-        out.add_(x, alpha=k)
-        if vr:
-            out.add_(vr * k)
-    else:
-        out.add_(x)
-        if vr:
-            out.add_(vr * k)
+    torch.mul(v, 1.0 - k, out=out).add_(x, alpha=k if p.decay_input else 1.0)
+    if vr:  # the leak pulls towards V_r in both forms
+        out.add_(vr * k)
     return out
 
 
