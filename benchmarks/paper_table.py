@@ -37,6 +37,7 @@ from rich.console import Console
 from stars.ablate import variant_config
 from stars.config import RunConfig, apply_overrides
 from stars.pipeline import run_distill
+from stars.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "paper_table"
@@ -188,6 +189,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/paper_table")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
+    tune_malloc()  # as the stars CLI does
     console = Console()
     log = args.out / "runs.jsonl"
     if args.threads:

@@ -49,6 +49,7 @@ from stars.models.factory import build_teacher, bundled_teacher_path
 from stars.models.students import build_student
 from stars.models.teachers import build_teacher_arch
 from stars.neurons.spikingjelly_neurons import MultiStepNeuron
+from stars.runtime import tune_malloc
 from stars.synthesis.factory import build_synthesizer
 
 
@@ -273,11 +274,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/perf.json"))
     p.add_argument("--profile", action="store_true", help="also write profile.txt")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (the stars CLI tunes it: stars.runtime.tune_malloc)",
+    )
     args = p.parse_args()
+    malloc_tuned = False if args.default_malloc else tune_malloc()
     result: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned,
         "batch": args.batch,
     }
     result["synthesis"] = synthesis_ratio(args.batch, args.repeats)

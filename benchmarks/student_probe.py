@@ -35,6 +35,7 @@ from stars.evaluation import top1
 from stars.models.factory import build_teacher
 from stars.models.students import build_student
 from stars.optim import build_optimizer, build_scheduler
+from stars.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_SEED = 12345  # the seed stars.pipeline uses to carve evaluation.split=val
@@ -51,6 +52,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/student_probe.jsonl")
     args = p.parse_args()
+    tune_malloc()  # as the stars CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     tree = yaml.safe_load((ROOT / "benchmarks/paper_table/fast.yaml").read_text())

@@ -19,6 +19,7 @@ from rich.pretty import Pretty
 from stars import __version__
 from stars.config import RunConfig, TeacherTrainConfig, load_config, load_teacher_config
 from stars.errors import StarsError
+from stars.runtime import tune_malloc
 
 app = typer.Typer(
     name="stars",
@@ -47,10 +48,12 @@ SetOpt = Annotated[
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn :class:`StarsError` into a red message on stderr and exit code 2."""
+    """Turn :class:`StarsError` into a red message on stderr and exit code 2 (and tune the
+    CPU allocator for the command's work: :func:`stars.runtime.tune_malloc`)."""
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        tune_malloc()
         try:
             return fn(*args, **kwargs)
         except StarsError as exc:

@@ -424,6 +424,14 @@ def soft_exceedance(h: Tensor, theta: Tensor, tau: Tensor) -> Tensor:
     return out
 
 
+def _channel_sum(s: Tensor) -> Tensor:
+    """``s.sum(dim=(0, 2, ...))`` for ``[N, C, *]``; summing the contiguous inner dims first is
+    2-3x faster on CPU than one reduction over the strided ones."""
+    if s.ndim > 2 and s.is_contiguous():
+        return s.flatten(2).sum(-1).sum(0)
+    return s.sum(dim=(0, *range(2, s.ndim)))
+
+
 class _SoftExceedance(torch.autograd.Function):
     """``e_kc = mean sigmoid(x * scale_c + shift_kc)`` with a lean backward: it keeps the
     sigmoids and computes ``d e / d x = s (1 - s) scale / M`` in one pass per threshold,
@@ -432,13 +440,13 @@ class _SoftExceedance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        dims = (0, *range(2, x.ndim))
         z = x * scale
-        sig = [torch.add(z, shift[k]).sigmoid_() for k in range(shift.shape[0])]
-        del z
+        # the last threshold reuses z's buffer: one temporary fewer per layer
+        sig = [torch.add(z, shift[k]).sigmoid_() for k in range(shift.shape[0] - 1)]
+        sig.append(z.add_(shift[-1]).sigmoid_())
         ctx.save_for_backward(scale, *sig)
         ctx.count = x.numel() // x.shape[1]
-        return torch.stack([s.mean(dim=dims) for s in sig])
+        return torch.stack([_channel_sum(s) for s in sig]) / ctx.count
 
     @staticmethod
     @once_differentiable
