@@ -318,6 +318,11 @@ class RCAConfig(_Frozen):
     """beta_rca in the student objective."""
     delta: PosFloat = 1e-4
     """Safe-norm constant: n(z) = z / sqrt(|z|^2 + delta)."""
+    grad_ratio: PosFloat | None = None
+    """Calibrate lambda_rca once (DESIGN.md section 4): at the first synthesis step where the
+    student takes part, the generator's RCA weight is set so that RCA's gradient norm on the
+    images is this fraction of the weighted BN term's, then kept (and checkpointed). ``weight``
+    must be > 0 (it switches the term on). None: ``weight`` is used as is."""
 
 
 class TARConfig(_Frozen):

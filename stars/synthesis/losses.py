@@ -445,8 +445,9 @@ class _SoftExceedance(torch.autograd.Function):
         sig = [torch.add(z, shift[k]).sigmoid_() for k in range(shift.shape[0] - 1)]
         sig.append(z.add_(shift[-1]).sigmoid_())
         ctx.save_for_backward(scale, *sig)
-        ctx.count = x.numel() // x.shape[1]
-        return torch.stack([_channel_sum(s) for s in sig]) / ctx.count
+        count = x.numel() // x.shape[1]
+        ctx.count = count
+        return torch.stack([_channel_sum(s) for s in sig]) / count
 
     @staticmethod
     @once_differentiable

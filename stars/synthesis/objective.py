@@ -11,6 +11,7 @@ a baseline run logs the TAR and RCA values it would have had.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,23 @@ class ObjectiveOutput:
     terms: dict[str, Tensor]
     t_logits: Tensor
     stats: list[Stats] = field(default_factory=list)
+
+
+def rca_calibration_due(
+    objective: SynthesisObjective, terms: Mapping[str, Tensor], x: Tensor
+) -> bool:
+    """Whether this step calibrates lambda_rca: asked for, not done yet, RCA on and measured
+    with a graph to the images (not under ``no_grad``)."""
+    rca = terms.get("rca")
+    return (
+        not objective.rca_calibrated
+        and objective.stars.rca.weight > 0
+        and rca is not None
+        and rca.requires_grad
+        and terms["bn"].requires_grad
+        and x.requires_grad
+        and objective.weights.bn > 0
+    )
 
 
 @contextmanager
@@ -123,6 +141,10 @@ class SynthesisObjective:
         if stars.tar.site == "teacher":
             self.tail_prior = extract_tail_prior(self.bn_prior, stars.tar, student_vth=student_vth)
         self.momentum_state: list[Stats] | None = None
+        self.rca_weight: float = stars.rca.weight
+        """lambda_rca in effect: ``stars.rca.weight``, or the calibrated value once
+        ``stars.rca.grad_ratio`` has been applied (:attr:`rca_calibrated`)."""
+        self.rca_calibrated = False
 
     def to(self, device: torch.device) -> SynthesisObjective:
         """Move the priors to ``device``."""
@@ -155,12 +177,15 @@ class SynthesisObjective:
         *,
         student_active: bool = True,
         grad_inactive: bool = False,
+        calibrate: bool = True,
     ) -> ObjectiveOutput:
         """``L_G`` for images ``x [N, C, H, W]`` and labels ``y [N]``.
 
         ``student`` is run (frozen by the caller) only when a term needs it and
         ``student_active`` (Fast turns the adversarial terms off during warm-up).
         ``grad_inactive`` keeps the graph of zero-weight STARS terms (for :meth:`grad_norms`).
+        ``calibrate``: this call may calibrate lambda_rca (``stars.rca.grad_ratio``); a
+        measurement (:meth:`grad_norms`) does not.
         """
         w, cfg = self.weights, self.stars
         with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
@@ -214,7 +239,7 @@ class SynthesisObjective:
             use_logits = cfg.rca.features == "logits"
             z_t = t_logits if use_logits else t_feats
             z_s = s_logits if use_logits else s_feats
-            rca_w = cfg.rca.weight
+            rca_w = self.rca_weight
             if rca_w > 0 or self.measure_inactive:
                 with torch.set_grad_enabled(
                     (rca_w > 0 or grad_inactive) and torch.is_grad_enabled()
@@ -249,10 +274,30 @@ class SynthesisObjective:
                     stuck = (flat < 1e-4) | (flat > 1 - 1e-4)
                     terms["tar_saturated"] = stuck.float().mean()
 
+        if calibrate and cfg.rca.grad_ratio is not None and rca_calibration_due(self, terms, x):
+            active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x)
+        if cfg.rca.grad_ratio is not None:
+            terms["rca_weight"] = torch.tensor(self.rca_weight)
         total = torch.zeros((), device=x.device)
         for name, weight in active.items():
             total = total + weight * terms[name]
         return ObjectiveOutput(total, terms, t_logits, stats)
+
+    def _calibrate_rca(self, bn: Tensor, rca: Tensor, x: Tensor) -> float:
+        """Set :attr:`rca_weight` so that ``|d(w rca)/dx| = grad_ratio * |d(l_bn bn)/dx|``.
+
+        Left uncalibrated (retried at the next step) while RCA has no gradient yet: fewer
+        than two samples on which teacher and student agree."""
+        ratio = self.stars.rca.grad_ratio
+        assert ratio is not None
+        (g_bn,) = torch.autograd.grad(bn * self.weights.bn, x, retain_graph=True, allow_unused=True)
+        (g_rca,) = torch.autograd.grad(rca, x, retain_graph=True, allow_unused=True)
+        n_bn = 0.0 if g_bn is None else float(g_bn.norm())
+        n_rca = 0.0 if g_rca is None else float(g_rca.norm())
+        if n_rca > 0 and n_bn > 0 and math.isfinite(n_bn / n_rca):
+            self.rca_weight = ratio * n_bn / n_rca
+            self.rca_calibrated = True
+        return self.rca_weight
 
     def grad_norms(self, x: Tensor, y: Tensor, student: nn.Module | None) -> Mapping[str, float]:
         """The norm of each term's gradient on ``x`` (weighted as in ``L_G``, STARS terms at
@@ -261,14 +306,14 @@ class SynthesisObjective:
         x = x.detach().requires_grad_(True)
         if student is not None:
             with frozen(student):
-                out = self(x, y, student, grad_inactive=True)
+                out = self(x, y, student, grad_inactive=True, calibrate=False)
         else:
-            out = self(x, y, student, grad_inactive=True)
+            out = self(x, y, student, grad_inactive=True, calibrate=False)
         weights = {
             "bn": self.weights.bn,
             "oh": self.weights.oh,
             "adv": self.weights.adv,
-            "rca": self.stars.rca.weight or 1.0,
+            "rca": self.rca_weight or 1.0,
             "tar": self.stars.tar.weight or 1.0,
         }
         norms: dict[str, float] = {}

@@ -124,6 +124,8 @@ class SynthesisContext:
         }
         if self.objective.momentum_state is not None:
             state["bn_momentum"] = [(m.cpu(), v.cpu()) for m, v in self.objective.momentum_state]
+        if self.objective.rca_calibrated:
+            state["rca_weight"] = self.objective.rca_weight
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -135,6 +137,9 @@ class SynthesisContext:
         self.objective.momentum_state = (
             None if mmt is None else [(m.to(self.device), v.to(self.device)) for m, v in mmt]
         )
+        if "rca_weight" in state:
+            self.objective.rca_weight = float(state["rca_weight"])
+            self.objective.rca_calibrated = True
 
 
 def _step_value(total: Tensor) -> float:

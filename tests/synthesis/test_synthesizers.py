@@ -26,6 +26,7 @@ from stars.models.factory import freeze
 from stars.models.students import build_student
 from stars.models.teachers import CifarResNet
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.objective import frozen
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SIZE, K = 16, 4
@@ -228,3 +229,78 @@ def test_tar_saturation_is_reported() -> None:
     assert float(out.terms["tar_saturated"]) > 0.5
     varied = torch.randn(6, 3, SIZE, SIZE) * 100
     assert float(obj(varied, torch.zeros(6, dtype=torch.long), None).terms["tar_saturated"]) < 0.1
+
+
+@pytest.mark.parametrize("role", ["align", "adversarial"])
+def test_rca_grad_ratio_calibrates_the_weight_once(role: str) -> None:
+    stars = StarsConfig(rca=RCAConfig(weight=1.0, role=role, grad_ratio=0.25))
+    synth = make("fast", stars)
+    obj = synth.ctx.objective
+    student = tiny_student()
+    y = torch.arange(6) % K
+    # A measurement never calibrates.
+    obj.grad_norms(torch.randn(6, 3, SIZE, SIZE), y, student)
+    assert not obj.rca_calibrated and obj.rca_weight == 1.0
+    if role == "adversarial":  # gated to agreed samples: make the student agree everywhere
+        student = _Echo(obj.teacher)
+    x = (torch.randn(6, 3, SIZE, SIZE) * 0.5).requires_grad_(True)
+    with frozen(student):
+        out = obj(x, y, student)
+    assert obj.rca_calibrated and obj.rca_weight != 1.0
+    w = obj.rca_weight
+    assert float(out.terms["rca_weight"]) == pytest.approx(w)
+    # On the calibration batch RCA's weighted gradient is 0.25x the BN term's ...
+    with frozen(student):
+        norms = obj.grad_norms(x.detach(), y, student)
+    assert norms["rca"] / norms["bn"] == pytest.approx(0.25, rel=1e-3)
+    # ... the total uses the calibrated weight ...
+    t, wt = {k: float(v.detach()) for k, v in out.terms.items()}, obj.weights
+    expected = wt.bn * t["bn"] + wt.oh * t["oh"] + w * t["rca"] + wt.adv * t["adv"]
+    assert float(out.total.detach()) == pytest.approx(expected, rel=1e-5)
+    # ... it is set once, and a checkpoint carries it.
+    with frozen(student):
+        obj((torch.randn(6, 3, SIZE, SIZE) * 3).requires_grad_(True), y, student)
+    assert obj.rca_weight == w
+    fresh = make("fast", stars)
+    fresh.load_state_dict(synth.state_dict())
+    assert fresh.ctx.objective.rca_calibrated and fresh.ctx.objective.rca_weight == w
+
+
+def test_rca_grad_ratio_waits_for_the_student() -> None:
+    cfg = FastSynthesis(batch_size=6, nz=16, g_steps=1, warmup_epochs=1, memory_size=64)
+    stars = StarsConfig(rca=RCAConfig(weight=1.0, role="align", grad_ratio=0.5))
+    synth = build_synthesizer(
+        cfg,
+        stars,
+        teacher=tiny_teacher(),
+        num_classes=K,
+        image_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    student = tiny_student()
+    synth.synthesize(student)  # warm-up: no student, nothing to calibrate against
+    assert not synth.ctx.objective.rca_calibrated
+    synth.ctx.epoch = 1
+    step = synth.synthesize(student)
+    assert synth.ctx.objective.rca_calibrated
+    assert step.losses["rca_weight"] == pytest.approx(synth.ctx.objective.rca_weight)
+
+
+class _Echo(nn.Module):
+    """A 'student' that answers with the teacher's logits (it agrees on every sample) and the
+    teacher's features reweighted per dimension (so the relations differ), over T = 2."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, z = self.teacher.forward_features(x)  # type: ignore[operator]
+        f = f * torch.linspace(0.05, 3.0, f.shape[1])
+        return torch.stack([f, f]), torch.stack([z, z])
+
+    def bn_layers(self) -> list[nn.Module]:
+        return []
