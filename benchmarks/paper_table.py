@@ -50,6 +50,7 @@ DIAGNOSTIC_KEYS = (
     "synthesis/oh",
     "synthesis/adv",
     "synthesis/rca",
+    "synthesis/rca_weight",
     "synthesis/tar",
     "synthesis/tar_saturated",
     "kd/kd",
