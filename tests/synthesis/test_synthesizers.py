@@ -75,11 +75,15 @@ STARS_OFF_OTHER = StarsConfig(
 )
 
 
-def make(
-    kind: str, stars: StarsConfig = StarsConfig(), seed: int = 0, teacher: nn.Module | None = None
+def build(
+    cfg: SynthesisConfig,
+    stars: StarsConfig,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    student_vth: float | None = None,
 ) -> AnySynthesizer:
     return build_synthesizer(
-        CASES[kind],
+        cfg,
         stars,
         teacher=teacher if teacher is not None else tiny_teacher(),
         num_classes=K,
@@ -88,8 +92,14 @@ def make(
         std=STD,
         device=torch.device("cpu"),
         seed=seed,
-        student_vth=1.0,
+        student_vth=student_vth,
     )
+
+
+def make(
+    kind: str, stars: StarsConfig = StarsConfig(), seed: int = 0, teacher: nn.Module | None = None
+) -> AnySynthesizer:
+    return build(CASES[kind], stars, seed, teacher, student_vth=1.0)
 
 
 def snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -184,17 +194,7 @@ def test_state_dict_resume_continues_identically(kind: str) -> None:
 
 def test_fast_warmup_keeps_student_out() -> None:
     cfg = FastSynthesis(batch_size=6, nz=16, g_steps=2, warmup_epochs=5, memory_size=64)
-    synth = build_synthesizer(
-        cfg,
-        StarsConfig(),
-        teacher=tiny_teacher(),
-        num_classes=K,
-        image_size=SIZE,
-        mean=MEAN,
-        std=STD,
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    synth = build(cfg, StarsConfig())
     student = tiny_student()
     calls = []
     first_bn = student.bn_layers()[0]  # type: ignore[operator]
@@ -269,17 +269,7 @@ def test_rca_grad_ratio_calibrates_the_weight_once(role: str) -> None:
 def test_rca_grad_ratio_waits_for_the_student() -> None:
     cfg = FastSynthesis(batch_size=6, nz=16, g_steps=1, warmup_epochs=1, memory_size=64)
     stars = StarsConfig(rca=RCAConfig(weight=1.0, role="align", grad_ratio=0.5))
-    synth = build_synthesizer(
-        cfg,
-        stars,
-        teacher=tiny_teacher(),
-        num_classes=K,
-        image_size=SIZE,
-        mean=MEAN,
-        std=STD,
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    synth = build(cfg, stars)
     student = tiny_student()
     synth.synthesize(student)  # warm-up: no student, nothing to calibrate against
     assert not synth.ctx.objective.rca_calibrated
