@@ -150,7 +150,8 @@ class CifarData(_Frozen):
 class ImageFolderData(_Frozen):
     """Any ImageFolder tree: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
 
-    Tiny-ImageNet fits with ``test_dir: val`` once its ``val/`` is class-foldered.
+    Tiny-ImageNet fits as shipped with ``test_dir: val``: a split folder holding ``images/``
+    and ``val_annotations.txt`` is labelled from that file (classes from ``train_dir``).
     """
 
     kind: Literal["imagefolder"] = "imagefolder"

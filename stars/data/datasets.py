@@ -28,10 +28,13 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "AnnotatedImages",
     "DataError",
     "DataSource",
+    "SkippingImageFolder",
     "build_data",
     "eval_transform",
+    "is_annotated_split",
     "train_transform",
 ]
 
@@ -78,37 +81,125 @@ def eval_transform(image_size: int, mean: Stats, std: Stats) -> v2.Compose:
     )
 
 
-class SkippingImageFolder(datasets.ImageFolder):  # type: ignore[misc]
-    """ImageFolder that skips undecodable images (warns and counts) instead of failing.
+class _SkipsUndecodable:
+    """Shared item loading of the image-list datasets: an item whose file cannot be decoded
+    is replaced by the next decodable one, with a warning, and counted (each file once).
 
-    Items whose file cannot be decoded are replaced by the next decodable item, and
-    ``num_skipped`` counts them (each file once).
+    The record of bad files is a tensor in shared memory, so the count includes what
+    DataLoader worker processes (``data.num_workers > 0``) found, not only the main process.
     """
 
-    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None) -> None:
-        super().__init__(root, transform=transform)
-        self.bad_files: set[str] = set()
+    root: str
+    samples: list[tuple[str, int]]
+    transform: Callable[[Any], Any] | None
+
+    def _init_skips(self) -> None:
+        bad = torch.zeros(len(self.samples), dtype=torch.bool)
+        self._bad = bad.share_memory_()  # type: ignore[no-untyped-call]
 
     @property
     def num_skipped(self) -> int:
-        return len(self.bad_files)
+        """Files found undecodable so far, in this process and its DataLoader workers."""
+        return int(self._bad.sum())
+
+    @property
+    def bad_files(self) -> set[str]:
+        """The paths of the files counted by :attr:`num_skipped`."""
+        return {self.samples[i][0] for i in self._bad.nonzero().flatten().tolist()}
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
         for offset in range(n):
-            path, target = self.samples[(index + offset) % n]
+            at = (index + offset) % n
+            path, target = self.samples[at]
             try:
                 with Image.open(path) as img:
                     sample = img.convert("RGB")
             except (UnidentifiedImageError, OSError) as exc:
-                if path not in self.bad_files:
-                    self.bad_files.add(path)
+                if not bool(self._bad[at]):
+                    self._bad[at] = True
                     warnings.warn(f"skipping undecodable image {path}: {exc}", stacklevel=2)
                 continue
             if self.transform is not None:
                 sample = self.transform(sample)
             return sample, int(target)
         raise DataError(f"no decodable image in {self.root}")
+
+
+class SkippingImageFolder(_SkipsUndecodable, datasets.ImageFolder):  # type: ignore[misc]
+    """ImageFolder that skips undecodable images (warns and counts) instead of failing.
+
+    Items whose file cannot be decoded are replaced by the next decodable item, and
+    ``num_skipped`` counts them (each file once, across DataLoader workers).
+    """
+
+    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(root, transform=transform)
+        self._init_skips()
+
+
+ANNOTATIONS = "val_annotations.txt"
+"""Tiny-ImageNet's label file for ``val/`` as shipped: ``<file>\t<wnid>\t<box...>`` lines,
+the images themselves in ``val/images/``."""
+
+
+class AnnotatedImages(_SkipsUndecodable, Dataset[tuple[Any, int]]):
+    """Tiny-ImageNet's ``val/`` as shipped: ``images/*`` labelled by ``val_annotations.txt``.
+
+    Labels follow ``class_to_idx`` (the training folder's, so that both splits agree).
+    Undecodable images are skipped and counted as in :class:`SkippingImageFolder`.
+    """
+
+    def __init__(
+        self,
+        split_dir: Path,
+        class_to_idx: dict[str, int],
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.root = str(split_dir)
+        self.transform = transform
+        self.class_to_idx = dict(class_to_idx)
+        self.classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
+        ann = split_dir / ANNOTATIONS
+        samples: list[tuple[str, int]] = []
+        missing: list[str] = []
+        for lineno, line in enumerate(ann.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise DataError(
+                    f"{ann}:{lineno}: expected '<file><TAB><class>[<TAB>box...]', got {line!r}"
+                )
+            name, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in class_to_idx:
+                raise DataError(
+                    f"{ann}:{lineno}: class {wnid!r} has no folder in the training split"
+                )
+            path = split_dir / "images" / name
+            if not path.is_file():
+                missing.append(name)
+                continue
+            samples.append((str(path), class_to_idx[wnid]))
+        if missing:
+            raise DataError(
+                f"{ann} lists {len(missing)} image(s) missing from {split_dir / 'images'}: "
+                + ", ".join(missing[:5])
+                + (" ..." if len(missing) > 5 else "")
+            )
+        if not samples:
+            raise DataError(f"{ann} lists no images")
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self._init_skips()
+
+
+def is_annotated_split(path: Path) -> bool:
+    """Whether ``path`` is a Tiny-ImageNet-style split: ``images/`` plus ``val_annotations.txt``."""
+    return (path / ANNOTATIONS).is_file() and (path / "images").is_dir()
 
 
 @dataclass(frozen=True)
@@ -154,6 +245,15 @@ def _image_folder(
             f"{path} has {len(ds.classes)} class folders, the config says {num_classes} classes"
         )
     return ds
+
+
+def _annotated(
+    root: Path, train_dir: str, split: str, transform: Callable[[Any], Any]
+) -> AnnotatedImages:
+    """``root/split`` as shipped by Tiny-ImageNet, labelled with the training folder's classes."""
+    classes, class_to_idx = datasets.folder.find_classes(str(root / train_dir))
+    del classes
+    return AnnotatedImages(root / split, class_to_idx, transform=transform)
 
 
 def _check_same_classes(train_root: Path, test_root: Path) -> None:
@@ -237,10 +337,18 @@ def _folder(cfg: ImageFolderData) -> DataSource:
                 f"test split folder missing: {cfg.root / test_dir} "
                 "(set data.test_dir to the right folder, or null for none)"
             )
-        _check_same_classes(cfg.root / cfg.train_dir, cfg.root / test_dir)
+        if is_annotated_split(cfg.root / test_dir):
 
-        def test_fn() -> Dataset[Any]:
-            return _image_folder(cfg.root, test_dir, eval_transform(size, mean, std), k)
+            def test_fn() -> Dataset[Any]:
+                return _annotated(
+                    cfg.root, cfg.train_dir, test_dir, eval_transform(size, mean, std)
+                )
+
+        else:
+            _check_same_classes(cfg.root / cfg.train_dir, cfg.root / test_dir)
+
+            def test_fn() -> Dataset[Any]:
+                return _image_folder(cfg.root, test_dir, eval_transform(size, mean, std), k)
 
     k = cfg.num_classes
     return DataSource(

@@ -19,10 +19,12 @@ from stars.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
+    AnnotatedImages,
     DataError,
     DataSource,
     SkippingImageFolder,
     build_data,
+    eval_transform,
 )
 
 CIFAR10_CLASSES = [
@@ -226,6 +228,82 @@ def test_undecodable_images_are_skipped_with_a_warning_and_counted(tmp_path: Pat
             _item(ds, i)
     assert not again
     assert ds.num_skipped == 2
+
+
+def test_skips_found_in_dataloader_workers_are_counted_in_the_main_process(
+    tmp_path: Path,
+) -> None:
+    """With ``data.num_workers > 0`` each worker decodes its own share; the count the run
+    reports (in the main process) includes theirs, each file once."""
+    root = _corrupt_tree(tmp_path)
+    ds = build_data(ImageFolderData(root=root, num_classes=3, image_size=16)).train(augment=False)
+    assert isinstance(ds, SkippingImageFolder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # a second epoch counts nothing twice
+            batches = list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert sum(len(y) for _, y in batches) == 8
+    assert ds.num_skipped == 2
+    assert {Path(p).name for p in ds.bad_files} == {"broken.png", "cut.jpg"}
+
+
+def _shipped_tiny_imagenet(root: Path, val: list[tuple[str, str]]) -> Path:
+    """Tiny-ImageNet's layout as downloaded: ``train/<wnid>/images/*.JPEG`` and ``val/images/``
+    labelled by ``val/val_annotations.txt`` (file, wnid, box)."""
+    for k, wnid in enumerate(("n01", "n02", "n03")):
+        for i in range(2):
+            _write_image(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", (64, 64), k * 2 + i)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    lines = []
+    for i, (name, wnid) in enumerate(val):
+        _write_image(root / "val" / "images" / name, (64, 64), 100 + i)
+        lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_tiny_imagenet_val_is_read_as_shipped(tmp_path: Path) -> None:
+    val = [("val_0.JPEG", "n03"), ("val_1.JPEG", "n01"), ("val_2.JPEG", "n03")]
+    root = _shipped_tiny_imagenet(tmp_path / "tiny-imagenet-200", val)
+    source = build_data(ImageFolderData(root=root, num_classes=3))
+    train, test = source.train(augment=False), source.test()
+    assert isinstance(test, AnnotatedImages)
+    assert _len(train) == 6
+    assert _len(test) == 3
+    # labels follow the training folder's class order (n01 -> 0, n03 -> 2)
+    assert [_item(test, i)[1] for i in range(3)] == [2, 0, 2]
+    assert test.classes == ["n01", "n02", "n03"]
+    x, _ = _item(test, 1)
+    assert x.shape == (3, 64, 64)
+    # the very pixels of val_1, normalized
+    ref = eval_transform(64, source.mean, source.std)(
+        Image.open(root / "val" / "images" / "val_1.JPEG").convert("RGB")
+    )
+    torch.testing.assert_close(x, ref)
+    xb, yb = next(iter(DataLoader(test, batch_size=3)))
+    assert xb.shape == (3, 3, 64, 64)
+    assert yb.tolist() == [2, 0, 2]
+    assert test.num_skipped == 0
+
+
+@pytest.mark.parametrize(
+    ("annotations", "match"),
+    [
+        ("val_0.JPEG\tn09\t0\t0\t1\t1\n", r"val_annotations\.txt:1: class 'n09'"),
+        ("val_0.JPEG\tn01\nlost.JPEG\tn02\n", r"1 image\(s\) missing .*lost\.JPEG"),
+        ("val_0.JPEG\tn01\n\nval_0.JPEG n02\n", r"val_annotations\.txt:3: expected"),
+        ("\n", "lists no images"),
+    ],
+)
+def test_bad_tiny_imagenet_annotations_name_the_file_and_line(
+    tmp_path: Path, annotations: str, match: str
+) -> None:
+    root = _shipped_tiny_imagenet(tmp_path, [("val_0.JPEG", "n01")])
+    (root / "val" / "val_annotations.txt").write_text(annotations)
+    source = build_data(ImageFolderData(root=root, num_classes=3))
+    with pytest.raises(DataError, match=match) as info:
+        source.test()
+    assert info.value.__cause__ is None
 
 
 def test_a_split_of_only_undecodable_images_is_a_data_error(tmp_path: Path) -> None:
