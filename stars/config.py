@@ -247,6 +247,12 @@ class DeepInversionSynthesis(_SynthesisCommon):
     l2_weight: NonNegFloat = 3e-8
     jitter: Annotated[int, Field(ge=0)] = 2
     flip: bool = True
+    synthesize_first: bool = True
+    """DeepInversion's protocol: every batch (``distill.epochs x synthesis_steps_per_epoch``)
+    is synthesized before the first KD step, against the untrained student. ``false``
+    interleaves them as Fast does (``synthesis_steps_per_epoch`` batches, then the epoch's KD
+    steps), so that the student-dependent terms (``adv_weight``, STARS's RCA) see a student
+    that learns. Same budget either way."""
 
 
 class DAFLSynthesis(_SynthesisCommon):
@@ -418,7 +424,7 @@ class DistillConfig(_Frozen):
     epochs: PosInt = 220
     synthesis_steps_per_epoch: Annotated[int, Field(ge=0)] = 1
     """Synthesized batches added to the memory bank each epoch (DeepInversion: all batches
-    are made before the first KD step)."""
+    are made before the first KD step unless ``synthesis.synthesize_first`` is false)."""
     kd_steps_per_epoch: Annotated[int, Field(ge=0)] = 400
     batch_size: PosInt = 256
     optimizer: OptimizerConfig = SGDOptimizer()

@@ -4,7 +4,8 @@
 evaluation -> run directory`` (DESIGN.md sections 2 and 6). Fast-style alternation: each
 epoch adds ``synthesis_steps_per_epoch`` batches to the memory bank, then runs
 ``kd_steps_per_epoch`` student steps on batches drawn from it (no KD during Fast's warm-up
-epochs). DeepInversion synthesizes every batch first, then distills.
+epochs). DeepInversion synthesizes every batch first, then distills (unless
+``synthesis.synthesize_first`` is false: then it alternates as Fast does).
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoint.
 safetensors`` (written atomically every epoch; ``--resume`` continues from it and ends
@@ -591,12 +592,12 @@ def run_distill(
     t0 = time.time()
     d = cfg.distill
     synth_cfg = cfg.synthesis
-    is_di = isinstance(synth_cfg, DeepInversionSynthesis)
+    upfront = isinstance(synth_cfg, DeepInversionSynthesis) and synth_cfg.synthesize_first
     warm = warmup_epochs(cfg)
     last_eval: Evaluation | None = None
 
     def n_synth(epoch: int) -> int:
-        if is_di:
+        if upfront:
             return d.epochs * d.synthesis_steps_per_epoch if epoch == 0 else 0
         return d.synthesis_steps_per_epoch
 

@@ -260,3 +260,33 @@ def test_validation_split_is_fixed_training_images(
     assert not any(torch.equal(v, t) for v in a for t in test), (
         "validation images are not test images"
     )
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_deepinversion_synthesizes_first_or_interleaved(
+    tmp_path: Path, cifar_root: Path, teacher_file: Path, first: bool
+) -> None:
+    """DeepInversion's protocol fills the bank before any KD step; ``synthesize_first:
+    false`` adds the epoch's batches before its KD steps, as Fast does. Same budget."""
+    path = tiny_config(
+        tmp_path,
+        cifar_root,
+        teacher_file,
+        synthesis={
+            "kind": "deepinversion",
+            "batch_size": 8,
+            "iterations": 2,
+            "memory_size": 64,
+            "synthesize_first": first,
+        },
+        evaluation={"enabled": False},
+    )
+    result = run_distill(load_config(path), show_progress=False)
+    records = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["bank_size"] for r in epochs] == ([32] * 4 if first else [8, 16, 24, 32])
+    synthesized = [r["epoch"] for r in epochs if "synthesis/bn" in r]
+    assert synthesized == ([1] if first else [1, 2, 3, 4])
+    assert all("kd/kd" in r for r in epochs), "no warm-up: KD from the first epoch"
