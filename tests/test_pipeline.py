@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +59,12 @@ def tiny_config(tmp: Path, cifar: Path, teacher: Path, **extra: object) -> Path:
     return path
 
 
+def records(run: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records (of one ``event`` kind, when given)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if event is None or r["event"] == event]
+
+
 def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
     cfg = load_config(tiny_config(tmp_path, cifar_root, teacher_file))
     result = run_distill(cfg, show_progress=False)
@@ -73,12 +80,11 @@ def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_fil
     ):
         assert (run / name).is_file(), name
     assert load_config(run / "config.yaml") == cfg
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    calib = [r for r in records if r["event"] == "calibration"]
+    calib = records(run, "calibration")
     assert len(calib) == 1
     assert calib[0]["grad_norm/bn"] > 0 and calib[0]["ratio/tar"] > 0 and "ratio/rca" in calib[0]
-    epochs = [r for r in records if r["event"] == "epoch"]
-    evals = [r for r in records if r["event"] == "eval"]
+    epochs = records(run, "epoch")
+    evals = records(run, "eval")
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
     assert [r["epoch"] for r in evals] == [2, 4]
     for term in ("bn", "oh", "tar", "rca", "total"):
@@ -143,12 +149,7 @@ def test_resume_after_sigkill_matches_uninterrupted(
     b = load_file(str(run / "student.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [
-        json.loads(line)["epoch"]
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["event"] == "epoch"
-    ]
-    assert epochs == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records(run, "epoch")] == [1, 2, 3, 4]
 
 
 def test_cli_exit_codes(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:
@@ -282,10 +283,7 @@ def test_deepinversion_synthesizes_first_or_interleaved(
         evaluation={"enabled": False},
     )
     result = run_distill(load_config(path), show_progress=False)
-    records = [
-        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    epochs = [r for r in records if r["event"] == "epoch"]
+    epochs = records(result.run_dir, "epoch")
     assert [r["bank_size"] for r in epochs] == ([32] * 4 if first else [8, 16, 24, 32])
     synthesized = [r["epoch"] for r in epochs if "synthesis/bn" in r]
     assert synthesized == ([1] if first else [1, 2, 3, 4])

@@ -251,8 +251,7 @@ def _annotated(
     root: Path, train_dir: str, split: str, transform: Callable[[Any], Any]
 ) -> AnnotatedImages:
     """``root/split`` as shipped by Tiny-ImageNet, labelled with the training folder's classes."""
-    classes, class_to_idx = datasets.folder.find_classes(str(root / train_dir))
-    del classes
+    _, class_to_idx = datasets.folder.find_classes(str(root / train_dir))
     return AnnotatedImages(root / split, class_to_idx, transform=transform)
 
 
