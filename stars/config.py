@@ -330,6 +330,17 @@ class RCAConfig(_Frozen):
     student takes part, the generator's RCA weight is set so that RCA's gradient norm on the
     images is this fraction of the weighted BN term's, then kept (and checkpointed). ``weight``
     must be > 0 (it switches the term on). None: ``weight`` is used as is."""
+    recalibrate_every: PosInt | None = None
+    """With ``grad_ratio``: measure the ratio again every this many generator steps and
+    reset lambda_rca to it, so the weight follows the student as it learns (the first
+    measurement often comes before any KD step, against an untrained student, and rests on
+    the few samples it happens to agree on). None: calibrate once."""
+
+    @model_validator(mode="after")
+    def _recalibration_needs_a_ratio(self) -> RCAConfig:
+        if self.recalibrate_every is not None and self.grad_ratio is None:
+            raise ValueError("recalibrate_every needs grad_ratio (the ratio to keep)")
+        return self
 
 
 class TARConfig(_Frozen):

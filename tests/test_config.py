@@ -182,6 +182,12 @@ BAD_CASES: list[tuple[str, list[str], str]] = [
     ("", ["distill.optimizer.lr=0"], "distill.optimizer.lr"),
     ("", ["student.neuron.v_reset=2"], "student.neuron"),
     ("", ["device=tpu"], "device"),
+    ("", ["stars.rca.recalibrate_every=4"], "stars.rca"),
+    (
+        "",
+        ["stars.rca.grad_ratio=0.2", "stars.rca.recalibrate_every=0"],
+        "stars.rca.recalibrate_every",
+    ),
 ]
 
 

@@ -69,11 +69,13 @@ class ObjectiveOutput:
 def rca_calibration_due(
     objective: SynthesisObjective, terms: Mapping[str, Tensor], x: Tensor
 ) -> bool:
-    """Whether this step calibrates lambda_rca: asked for, not done yet, RCA on and measured
-    with a graph to the images (not under ``no_grad``)."""
+    """Whether this step calibrates lambda_rca: asked for, not done yet (or
+    ``recalibrate_every`` steps since the last time), RCA on and measured with a graph to the
+    images (not under ``no_grad``)."""
     rca = terms.get("rca")
+    every = objective.stars.rca.recalibrate_every
     return (
-        not objective.rca_calibrated
+        (not objective.rca_calibrated or (every is not None and objective.rca_age >= every))
         and objective.stars.rca.weight > 0
         and rca is not None
         and rca.requires_grad
@@ -145,6 +147,8 @@ class SynthesisObjective:
         """lambda_rca in effect: ``stars.rca.weight``, or the calibrated value once
         ``stars.rca.grad_ratio`` has been applied (:attr:`rca_calibrated`)."""
         self.rca_calibrated = False
+        self.rca_age = 0
+        """Generator steps since lambda_rca was last calibrated (``recalibrate_every``)."""
 
     def to(self, device: torch.device) -> SynthesisObjective:
         """Move the priors to ``device``."""
@@ -274,8 +278,11 @@ class SynthesisObjective:
                     stuck = (flat < 1e-4) | (flat > 1 - 1e-4)
                     terms["tar_saturated"] = stuck.float().mean()
 
-        if calibrate and cfg.rca.grad_ratio is not None and rca_calibration_due(self, terms, x):
-            active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x)
+        if calibrate and cfg.rca.grad_ratio is not None:
+            if rca_calibration_due(self, terms, x):
+                active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x)
+            elif self.rca_calibrated and x.requires_grad:
+                self.rca_age += 1
         if cfg.rca.grad_ratio is not None:
             terms["rca_weight"] = torch.tensor(self.rca_weight)
         total = torch.zeros((), device=x.device)
@@ -297,6 +304,7 @@ class SynthesisObjective:
         if n_rca > 0 and n_bn > 0 and math.isfinite(n_bn / n_rca):
             self.rca_weight = ratio * n_bn / n_rca
             self.rca_calibrated = True
+            self.rca_age = 1
         return self.rca_weight
 
     def grad_norms(self, x: Tensor, y: Tensor, student: nn.Module | None) -> Mapping[str, float]:

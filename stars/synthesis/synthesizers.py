@@ -126,6 +126,7 @@ class SynthesisContext:
             state["bn_momentum"] = [(m.cpu(), v.cpu()) for m, v in self.objective.momentum_state]
         if self.objective.rca_calibrated:
             state["rca_weight"] = self.objective.rca_weight
+            state["rca_age"] = self.objective.rca_age
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -140,6 +141,7 @@ class SynthesisContext:
         if "rca_weight" in state:
             self.objective.rca_weight = float(state["rca_weight"])
             self.objective.rca_calibrated = True
+            self.objective.rca_age = int(state.get("rca_age", 0))
 
 
 def _step_value(total: Tensor) -> float:

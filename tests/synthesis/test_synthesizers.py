@@ -266,6 +266,36 @@ def test_rca_grad_ratio_calibrates_the_weight_once(role: str) -> None:
     assert fresh.ctx.objective.rca_calibrated and fresh.ctx.objective.rca_weight == w
 
 
+def test_rca_recalibrate_every_follows_the_student() -> None:
+    stars = StarsConfig(
+        rca=RCAConfig(weight=1.0, role="align", grad_ratio=0.25, recalibrate_every=3)
+    )
+    synth = make("fast", stars)
+    obj = synth.ctx.objective
+    student = tiny_student()
+    y = torch.arange(6) % K
+    batches = [(torch.randn(6, 3, SIZE, SIZE) * s).requires_grad_(True) for s in (0.5, 3, 2, 1)]
+    weights = []
+    for i, x in enumerate(batches[:3]):
+        with frozen(student):
+            obj(x, y, student)
+        weights.append(obj.rca_weight)
+        if i == 0:  # a measurement in between neither calibrates nor counts as a step
+            obj.grad_norms(torch.randn(6, 3, SIZE, SIZE), y, student)
+    assert weights[0] == weights[1] == weights[2]  # steps 1 and 2 keep step 0's weight
+    # A checkpoint taken here resumes the count: the next step (3) calibrates again.
+    fresh = make("fast", stars)
+    fresh.load_state_dict(synth.state_dict())
+    for o in (obj, fresh.ctx.objective):
+        with frozen(student):
+            o(batches[3], y, student)
+    assert obj.rca_weight != weights[0]
+    assert fresh.ctx.objective.rca_weight == pytest.approx(obj.rca_weight)
+    with frozen(student):
+        norms = obj.grad_norms(batches[3].detach(), y, student)
+    assert norms["rca"] / norms["bn"] == pytest.approx(0.25, rel=1e-3)
+
+
 def test_rca_grad_ratio_waits_for_the_student() -> None:
     cfg = FastSynthesis(batch_size=6, nz=16, g_steps=1, warmup_epochs=1, memory_size=64)
     stars = StarsConfig(rca=RCAConfig(weight=1.0, role="align", grad_ratio=0.5))
