@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
 from stars.distill.checkpoint import load_state
@@ -16,34 +16,16 @@ from stars.pipeline import run_distill
 
 
 def _config(tmp: Path, cifar: Path, teacher: Path, name: str) -> Path:
-    tree = {
-        "seed": 0,
-        "device": "cpu",
-        "output_dir": str(tmp / "runs"),
-        "name": name,
-        "data": {"kind": "cifar10", "root": str(cifar)},
-        "teacher": {"arch": "resnet20", "checkpoint": str(teacher)},
-        "student": {"arch": "spiking_tiny", "T": 2},
-        "synthesis": {
-            "kind": "fast",
-            "batch_size": 8,
-            "g_steps": 2,
-            "nz": 16,
-            "memory_size": 64,
-            "warmup_epochs": 0,
-        },
-        "stars": {"rca": {"weight": 0.1, "student_weight": 0.5}, "tar": {"weight": 5.0}},
-        "distill": {
-            "epochs": 3,
-            "kd_steps_per_epoch": 3,
-            "batch_size": 8,
-            "optimizer": {"lr": 0.05},
-        },
-        "evaluation": {"every_epochs": 3, "batch_size": 20, "max_images": 20},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return tiny_run_config(
+        tmp,
+        teacher,
+        data_root=cifar,
+        file=f"{name}.yaml",
+        name=name,
+        stars=STARS_ON,
+        distill={"epochs": 3, "kd_steps_per_epoch": 3, "batch_size": 8, "optimizer": {"lr": 0.05}},
+        evaluation={"every_epochs": 3, "batch_size": 20, "max_images": 20},
+    )
 
 
 def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
@@ -75,8 +57,7 @@ def test_two_processes_match_each_other_and_the_single_process_run(
     # Both ranks end with identical weights and BN buffers (gradients averaged by DDP,
     # buffers broadcast from rank 0 each epoch).
     assert summary["max_rank_difference"] == 0.0
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["event"] == "epoch"]
+    epochs = records(run, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     # every rank's share lands in every bank: 8 images per epoch in all
     assert [r["bank_size"] for r in epochs] == [8, 16, 24]
@@ -89,8 +70,7 @@ def test_two_processes_match_each_other_and_the_single_process_run(
     # Not bitwise equal: each rank synthesizes its half of a batch with its own seed.
     # Stated tolerance: the KD loss averaged over the epochs is within 25% of the
     # single-process run's (measured: 0.682 vs 0.674), and the teacher accuracy is the same.
-    lines = (tmp_path / "runs" / "single" / "metrics.jsonl").read_text().splitlines()
-    single_kd = [r["kd/kd"] for r in map(json.loads, lines) if r["event"] == "epoch"]
+    single_kd = [r["kd/kd"] for r in records(tmp_path / "runs" / "single", "epoch")]
     ddp_kd = [r["kd/kd"] for r in epochs]
     assert abs(sum(ddp_kd) / 3 - sum(single_kd) / 3) <= 0.25 * sum(single_kd) / 3
     assert summary["teacher_top1"] == single["teacher_top1"]

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import yaml
 from PIL import Image
+from tiny_run import STARS_ON, records, tiny_run_config
 from typer.testing import CliRunner
 
 from stars.cli import app
@@ -26,23 +25,9 @@ runner = CliRunner()
 
 
 def tiny_config(tmp: Path, cifar: Path, teacher: Path, **extra: object) -> Path:
-    tree: dict[str, object] = {
-        "seed": 0,
-        "device": "cpu",
-        "output_dir": str(tmp / "runs"),
-        "name": "tiny",
-        "data": {"kind": "cifar10", "root": str(cifar)},
-        "teacher": {"arch": "resnet20", "checkpoint": str(teacher)},
-        "student": {"arch": "spiking_tiny", "T": 2},
-        "synthesis": {
-            "kind": "fast",
-            "batch_size": 8,
-            "g_steps": 2,
-            "nz": 16,
-            "memory_size": 64,
-            "warmup_epochs": 1,
-        },
-        "stars": {"rca": {"weight": 0.1, "student_weight": 0.5}, "tar": {"weight": 5.0}},
+    """The tiny run with STARS on, Fast's warm-up, a cosine schedule and evaluation."""
+    sections: dict[str, object] = {
+        "stars": STARS_ON,
         "distill": {
             "epochs": 4,
             "synthesis_steps_per_epoch": 1,
@@ -53,16 +38,9 @@ def tiny_config(tmp: Path, cifar: Path, teacher: Path, **extra: object) -> Path:
         },
         "evaluation": {"every_epochs": 2, "batch_size": 20, "max_images": 20},
     }
-    tree.update(extra)
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def records(run: Path, event: str | None = None) -> list[dict[str, Any]]:
-    """The run's ``metrics.jsonl`` records (of one ``event`` kind, when given)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if event is None or r["event"] == event]
+    return tiny_run_config(
+        tmp, teacher, data_root=cifar, file="tiny.yaml", warmup_epochs=1, **(sections | extra)
+    )
 
 
 def test_run_directory_is_complete(tmp_path: Path, cifar_root: Path, teacher_file: Path) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
+from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
 from stars.pipeline import build_components, run_distill
@@ -17,34 +16,12 @@ from stars.pipeline import build_components, run_distill
 
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> Path:
-    tmp = tmp_path_factory.mktemp("prec")
-    teacher = teacher_file
-    tree = {
-        "device": "cpu",
-        "output_dir": str(tmp / "runs"),
-        "data": {"kind": "cifar10", "root": str(tmp / "none")},
-        "teacher": {"arch": "resnet20", "checkpoint": str(teacher)},
-        "student": {"arch": "spiking_tiny", "T": 2},
-        "synthesis": {
-            "kind": "fast",
-            "batch_size": 8,
-            "g_steps": 2,
-            "nz": 16,
-            "memory_size": 64,
-            "warmup_epochs": 0,
-        },
-        "stars": {"rca": {"weight": 0.1, "student_weight": 0.5}, "tar": {"weight": 5.0}},
-        "distill": {"epochs": 2, "kd_steps_per_epoch": 2, "batch_size": 8},
-        "evaluation": {"enabled": False},
-    }
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def _epochs(run: Path) -> list[dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "epoch"]
+    return tiny_run_config(
+        tmp_path_factory.mktemp("prec"),
+        teacher_file,
+        stars=STARS_ON,
+        distill={"epochs": 2, "kd_steps_per_epoch": 2, "batch_size": 8},
+    )
 
 
 def test_bf16_and_channels_last_run_on_cpu(cfg_path: Path) -> None:
@@ -53,9 +30,9 @@ def test_bf16_and_channels_last_run_on_cpu(cfg_path: Path) -> None:
     conv = next(m for m in comp.student.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     result = run_distill(cfg, show_progress=False)
-    records = _epochs(result.run_dir)
-    assert len(records) == 2
-    assert all(math.isfinite(v) for r in records for k, v in r.items() if k.startswith("kd/"))
+    epochs = records(result.run_dir, "epoch")
+    assert len(epochs) == 2
+    assert all(math.isfinite(v) for r in epochs for k, v in r.items() if k.startswith("kd/"))
     assert result.summary["skipped_kd_steps"] == 0
 
 

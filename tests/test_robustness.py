@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from tiny_run import records, tiny_run_config
 from typer.testing import CliRunner
 
 import stars.synthesis.losses as synth_losses
@@ -31,35 +30,15 @@ runner = CliRunner()
 
 
 def config(tmp: Path, teacher: Path, **extra: Any) -> Path:
-    tree: dict[str, Any] = {
-        "seed": 0,
-        "device": "cpu",
-        "output_dir": str(tmp / "runs"),
-        "name": "r",
-        "data": {"kind": "cifar10", "root": str(tmp / "no-data")},
-        "teacher": {"arch": "resnet20", "checkpoint": str(teacher)},
-        "student": {"arch": "spiking_tiny", "T": 2},
-        "synthesis": {
-            "kind": "fast",
-            "batch_size": 8,
-            "g_steps": 2,
-            "nz": 16,
-            "memory_size": 64,
-            "warmup_epochs": 0,
-        },
-        "distill": {
-            "epochs": 3,
-            "synthesis_steps_per_epoch": 1,
-            "kd_steps_per_epoch": 2,
-            "batch_size": 8,
-            "max_bad_steps": 3,
-        },
-        "evaluation": {"enabled": False},
+    """The tiny run (STARS off, evaluation off) with a small budget of non-finite steps."""
+    distill = {
+        "epochs": 3,
+        "synthesis_steps_per_epoch": 1,
+        "kd_steps_per_epoch": 2,
+        "batch_size": 8,
+        "max_bad_steps": 3,
     }
-    tree.update(extra)
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return tiny_run_config(tmp, teacher, **({"name": "r", "distill": distill} | extra))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -205,8 +184,8 @@ def test_non_finite_kd_steps_are_skipped_and_counted(
     monkeypatch.setattr("stars.distill.distiller.kd_loss", sometimes_nan)
     result = run_distill(load_config(config(tmp_path, teacher_file)), show_progress=False)
     assert result.summary["skipped_kd_steps"] == 2
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_kd_steps"] for r in records if r["event"] == "epoch"] == [1, 1, 2]
+    epochs = records(result.run_dir, "epoch")
+    assert [r["skipped_kd_steps"] for r in epochs] == [1, 1, 2]
 
 
 def test_k_non_finite_kd_steps_in_a_row_stop_the_run(
