@@ -41,14 +41,22 @@ def _probe(mode: str, **env: str) -> dict[str, object]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tune_malloc_stops_page_faulting_every_new_tensor() -> None:
-    default = _probe("default")
-    tuned = _probe("tune")
-    assert tuned["tuned"] is True and tuned["again"] is True  # idempotent
     # glibc's default mostly gives the freed memory back each step and faults it in again
-    # (up to ~1000 faults per 4 MiB tensor, 122k here); tuned, the memory is reused
-    assert isinstance(default["faults"], int) and isinstance(tuned["faults"], int)
-    assert tuned["faults"] < 20 * 6 * 50
-    assert default["faults"] > 2 * tuned["faults"]
+    # (up to ~1000 faults per 4 MiB tensor, 122k here); tuned, the memory is reused. How much
+    # the default gives back depends on its dynamic mmap threshold and where the heap lands:
+    # measured 8k-122k faults over 5 probes (tuned: 0-4k), so up to 3 probe pairs are taken
+    # and one must show the difference; every tuned probe must stay near zero.
+    pairs: list[tuple[int, int]] = []
+    for _ in range(3):
+        default, tuned = _probe("default"), _probe("tune")
+        assert tuned["tuned"] is True and tuned["again"] is True  # idempotent
+        assert isinstance(default["faults"], int) and isinstance(tuned["faults"], int)
+        assert tuned["faults"] < 20 * 6 * 50
+        pairs.append((default["faults"], tuned["faults"]))
+        if default["faults"] > 2 * tuned["faults"]:
+            break
+    else:
+        pytest.fail(f"the default allocator never faulted 2x more than the tuned one: {pairs}")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
