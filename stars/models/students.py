@@ -84,7 +84,39 @@ def _check_common(num_classes: int, T: int, in_channels: int) -> None:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
 
 
-class SpikingResNet(nn.Module):
+class _SpikingClassifier(nn.Module):
+    """What every student shares: direct encoder -> its neuron -> ``body()`` -> global
+    average pooling over space -> ``head``, per time step."""
+
+    T: int
+    encoder: DirectEncoder
+    encoder_neuron: nn.Module
+    head: nn.Module
+
+    def body(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``[N, C, H, W]`` -> ``(features_seq [T, N, D], logits_seq [T, N, K])``."""
+        spikes: Tensor = self.body()(self.encoder_neuron(self.encoder(x, self.T)))
+        features_seq = spikes.mean(dim=(3, 4))
+        logits_seq: Tensor = self.head(features_seq)
+        return features_seq, logits_seq
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``[N, C, H, W]`` -> ``logits_seq [T, N, K]``."""
+        return self.forward_features(x)[1]
+
+    def bn_layers(self) -> list[nn.Module]:
+        """Every BatchNorm in forward order."""
+        return collect_bn_layers(self)
+
+    def spiking_neurons(self) -> list[tuple[str, nn.Module]]:
+        """``(name, neuron)`` for each spiking layer in forward order."""
+        return collect_spiking_neurons(self)
+
+
+class SpikingResNet(_SpikingClassifier):
     """A CIFAR-stem spiking ResNet of standard spiking basic blocks (see the module docstring).
 
     Args:
@@ -145,27 +177,12 @@ class SpikingResNet(nn.Module):
             )
         )
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[N, C, H, W]`` -> ``(features_seq [T, N, D], logits_seq [T, N, K])``."""
-        spikes: Tensor = self.stages(self.encoder_neuron(self.encoder(x, self.T)))
-        features_seq = spikes.mean(dim=(3, 4))
-        logits_seq: Tensor = self.head(features_seq)
-        return features_seq, logits_seq
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``[N, C, H, W]`` -> ``logits_seq [T, N, K]``."""
-        return self.forward_features(x)[1]
-
-    def bn_layers(self) -> list[nn.Module]:
-        """Every BatchNorm in forward order."""
-        return collect_bn_layers(self)
-
-    def spiking_neurons(self) -> list[tuple[str, nn.Module]]:
-        """``(name, neuron)`` for each spiking layer in forward order."""
-        return collect_spiking_neurons(self)
+    def body(self) -> nn.Module:
+        """The layers between the encoder neuron and global pooling."""
+        return self.stages
 
 
-class SpikingVGG(nn.Module):
+class SpikingVGG(_SpikingClassifier):
     """A plain spiking CNN: conv + BN + neuron layers and 2x2 pools, GAP, one ``Linear``.
 
     Args:
@@ -224,24 +241,9 @@ class SpikingVGG(nn.Module):
         self.feature_dim = width
         self.head = nn.Linear(width, num_classes)
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[N, C, H, W]`` -> ``(features_seq [T, N, D], logits_seq [T, N, K])``."""
-        spikes: Tensor = self.features(self.encoder_neuron(self.encoder(x, self.T)))
-        features_seq = spikes.mean(dim=(3, 4))
-        logits_seq: Tensor = self.head(features_seq)
-        return features_seq, logits_seq
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``[N, C, H, W]`` -> ``logits_seq [T, N, K]``."""
-        return self.forward_features(x)[1]
-
-    def bn_layers(self) -> list[nn.Module]:
-        """Every BatchNorm in forward order."""
-        return collect_bn_layers(self)
-
-    def spiking_neurons(self) -> list[tuple[str, nn.Module]]:
-        """``(name, neuron)`` for each spiking layer in forward order."""
-        return collect_spiking_neurons(self)
+    def body(self) -> nn.Module:
+        """The layers between the encoder neuron and global pooling."""
+        return self.features
 
 
 def spiking_resnet18(

@@ -37,13 +37,17 @@ __all__ = [
 ]
 
 
-class _ATanSpike(torch.autograd.Function):
+class _HeavisideSpike(torch.autograd.Function):
+    """Heaviside forward; subclasses give the surrogate gradient."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.alpha = alpha
         return (x >= 0).to(x.dtype)
 
+
+class _ATanSpike(_HeavisideSpike):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
@@ -52,13 +56,7 @@ class _ATanSpike(torch.autograd.Function):
         return grad_output * (alpha / 2) / (1 + z * z), None
 
 
-class _SigmoidSpike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return (x >= 0).to(x.dtype)
-
+class _SigmoidSpike(_HeavisideSpike):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
