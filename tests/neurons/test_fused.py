@@ -19,11 +19,13 @@ Kind = Literal["lif", "if"]
 @st.composite
 def lif_if_configs(draw: st.DrawFn) -> NeuronConfig:
     hard = draw(st.booleans())
+    v_threshold = draw(st.floats(0.25, 2.0))
     return NeuronConfig(
         kind=draw(st.sampled_from(["lif", "if"])),
         tau=draw(st.floats(1.1, 8.0)),
-        v_threshold=draw(st.floats(0.25, 2.0)),
-        v_reset=draw(st.floats(-1.0, 0.5)) if hard else None,
+        v_threshold=v_threshold,
+        # the config requires v_reset < v_threshold (0.5 vs 0.5 was drawn once in CI)
+        v_reset=draw(st.floats(-1.0, min(0.5, v_threshold), exclude_max=True)) if hard else None,
         decay_input=draw(st.booleans()),
         detach_reset=draw(st.booleans()),
         surrogate=draw(st.sampled_from(["atan", "sigmoid"])),
