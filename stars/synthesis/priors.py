@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from stars.config import TARConfig
+
+_V = TypeVar("_V")
 
 __all__ = [
     "BNLayerPrior",
@@ -129,7 +131,67 @@ class _HookSet:
             handle.remove()
 
 
-class FeatureTap(Mapping[nn.Module, Tensor]):
+class _Tap(Mapping[nn.Module, _V]):
+    """Hooks on ``modules``, registered inside a ``with`` block; a read-only mapping from
+    each module that ran to what ``_store`` kept of its input (or output)."""
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        *,
+        capture: Capture = "input",
+        detach: bool = False,
+    ) -> None:
+        self._hooks = _HookSet(modules, capture)
+        self._detach = detach
+        self._captured: dict[nn.Module, _V] = {}
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The hooked modules, in the order given."""
+        return self._hooks.modules
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are currently registered."""
+        return self._hooks.active
+
+    def _store(self, module: nn.Module, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._captured.clear()
+        self._hooks.register(self._store)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove()
+        self._captured.clear()
+
+    def clear(self) -> None:
+        """Forget what was captured so far (the hooks stay registered)."""
+        self._captured.clear()
+
+    def __getitem__(self, module: nn.Module) -> _V:
+        try:
+            return self._captured[module]
+        except KeyError:
+            raise KeyError(
+                f"{type(module).__name__} has not been captured: it is not hooked by this tap, "
+                "did not run in the forward pass, or the block has exited"
+            ) from None
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (m for m in self._hooks.modules if m in self._captured)
+
+    def __len__(self) -> int:
+        return len(self._captured)
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._captured
+
+
+class FeatureTap(_Tap[Tensor]):
     """Capture each module's input (or output) during the forward passes inside a block.
 
     A read-only mapping ``module -> tensor`` valid inside the ``with`` block; it keeps the
@@ -151,63 +213,11 @@ class FeatureTap(Mapping[nn.Module, Tensor]):
         detach: store detached tensors (for statistics and logging, no graph kept).
     """
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        *,
-        capture: Capture = "input",
-        detach: bool = False,
-    ) -> None:
-        self._hooks = _HookSet(modules, capture)
-        self._detach = detach
-        self._captured: dict[nn.Module, Tensor] = {}
-
-    @property
-    def modules(self) -> tuple[nn.Module, ...]:
-        """The hooked modules, in the order given."""
-        return self._hooks.modules
-
-    @property
-    def active(self) -> bool:
-        """Whether the hooks are currently registered."""
-        return self._hooks.active
-
     def _store(self, module: nn.Module, value: Tensor) -> None:
         self._captured[module] = value.detach() if self._detach else value
 
-    def __enter__(self) -> FeatureTap:
-        self._captured.clear()
-        self._hooks.register(self._store)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.remove()
-        self._captured.clear()
-
-    def clear(self) -> None:
-        """Forget what was captured so far (the hooks stay registered)."""
-        self._captured.clear()
-
-    def __getitem__(self, module: nn.Module) -> Tensor:
-        try:
-            return self._captured[module]
-        except KeyError:
-            raise KeyError(
-                f"{type(module).__name__} has not been captured: it is not hooked by this tap, "
-                "did not run in the forward pass, or the block has exited"
-            ) from None
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return (m for m in self._hooks.modules if m in self._captured)
-
-    def __len__(self) -> int:
-        return len(self._captured)
-
-    def __contains__(self, module: object) -> bool:
-        return module in self._captured
-
-
-class BatchStatsTap(Mapping[nn.Module, tuple[Tensor, Tensor]]):
+class BatchStatsTap(_Tap[tuple[Tensor, Tensor]]):
     """Like :class:`FeatureTap`, but keeps only per-channel ``(mean [C], var [C])``.
 
     The statistics are computed inside the hook with :func:`batch_stats` (biased variance
@@ -221,53 +231,8 @@ class BatchStatsTap(Mapping[nn.Module, tuple[Tensor, Tensor]]):
         detach: compute the statistics without a graph.
     """
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        *,
-        capture: Capture = "input",
-        detach: bool = False,
-    ) -> None:
-        self._hooks = _HookSet(modules, capture)
-        self._detach = detach
-        self._captured: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-
-    @property
-    def modules(self) -> tuple[nn.Module, ...]:
-        """The hooked modules, in the order given."""
-        return self._hooks.modules
-
-    @property
-    def active(self) -> bool:
-        """Whether the hooks are currently registered."""
-        return self._hooks.active
-
     def _store(self, module: nn.Module, value: Tensor) -> None:
         self._captured[module] = batch_stats(value.detach() if self._detach else value)
-
-    def __enter__(self) -> BatchStatsTap:
-        self._captured.clear()
-        self._hooks.register(self._store)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.remove()
-        self._captured.clear()
-
-    def __getitem__(self, module: nn.Module) -> tuple[Tensor, Tensor]:
-        try:
-            return self._captured[module]
-        except KeyError:
-            raise KeyError(f"{type(module).__name__} has not been captured by this tap") from None
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return (m for m in self._hooks.modules if m in self._captured)
-
-    def __len__(self) -> int:
-        return len(self._captured)
-
-    def __contains__(self, module: object) -> bool:
-        return module in self._captured
 
 
 # ----------------------------------------------------------------------------- BN prior

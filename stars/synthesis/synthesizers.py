@@ -260,67 +260,56 @@ def _train_generator(
     return result[0], result[1], trace
 
 
-class DAFLSynthesizer:
+class _PersistentGeneratorSynthesizer:
+    """A generator kept across calls and trained ``g_steps`` times per call; the last batch
+    goes to the bank, labelled with the teacher's argmax. Subclasses choose the labels the
+    objective's class term sees."""
+
+    def __init__(
+        self, ctx: SynthesisContext, generator: ConvGenerator, *, lr_g: float, g_steps: int
+    ) -> None:
+        self.ctx = ctx
+        self.generator = generator.to(ctx.device)
+        self.g_steps = g_steps
+        self.opt = torch.optim.Adam(self.generator.parameters(), lr=lr_g)
+        self._state = _GeneratorState(ctx, self.generator, self.opt)
+
+    def _labels(self) -> Tensor:
+        raise NotImplementedError
+
+    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
+        x, out, trace = _train_generator(
+            self.ctx, self.generator, self.opt, self.g_steps, student, self._labels()
+        )
+        return self.ctx.finish(x, out.t_logits.argmax(1), out, trace)
+
+    def sample(self, n: int) -> Tensor:
+        return self.ctx.sample(n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._state.load_state_dict(state)
+
+
+class DAFLSynthesizer(_PersistentGeneratorSynthesizer):
     """DAFL: a persistent generator trained ``g_steps`` times per call on
     ``oh CE(t, argmax t) + act (-|f|) + ie (-H(mean p)) (+ bn) + STARS``; the last batch
     goes to the bank, labelled with the teacher's argmax."""
 
-    def __init__(
-        self, ctx: SynthesisContext, generator: ConvGenerator, *, lr_g: float, g_steps: int
-    ) -> None:
-        self.ctx = ctx
-        self.generator = generator.to(ctx.device)
-        self.g_steps = g_steps
-        self.opt = torch.optim.Adam(self.generator.parameters(), lr=lr_g)
-        self._state = _GeneratorState(ctx, self.generator, self.opt)
-
-    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
+    def _labels(self) -> Tensor:
         # The class term uses the teacher's own argmax (TermWeights.pseudo_labels): these
         # labels only keep the objective's signature.
-        y = torch.zeros(self.ctx.batch_size, dtype=torch.long, device=self.ctx.device)
-        x, out, trace = _train_generator(
-            self.ctx, self.generator, self.opt, self.g_steps, student, y
-        )
-        return self.ctx.finish(x, out.t_logits.argmax(1), out, trace)
-
-    def sample(self, n: int) -> Tensor:
-        return self.ctx.sample(n)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._state.load_state_dict(state)
+        return torch.zeros(self.ctx.batch_size, dtype=torch.long, device=self.ctx.device)
 
 
-class DFADSynthesizer:
+class DFADSynthesizer(_PersistentGeneratorSynthesizer):
     """DFAD: a persistent generator trained ``g_steps`` times per call to maximize
     ``mean |t - s|`` (``-dfad`` is minimized) (+ bn + oh on sampled labels) + STARS."""
 
-    def __init__(
-        self, ctx: SynthesisContext, generator: ConvGenerator, *, lr_g: float, g_steps: int
-    ) -> None:
-        self.ctx = ctx
-        self.generator = generator.to(ctx.device)
-        self.g_steps = g_steps
-        self.opt = torch.optim.Adam(self.generator.parameters(), lr=lr_g)
-        self._state = _GeneratorState(ctx, self.generator, self.opt)
-
-    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
-        y = self.ctx.labels(self.ctx.batch_size)
-        x, out, trace = _train_generator(
-            self.ctx, self.generator, self.opt, self.g_steps, student, y
-        )
-        return self.ctx.finish(x, out.t_logits.argmax(1), out, trace)
-
-    def sample(self, n: int) -> Tensor:
-        return self.ctx.sample(n)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._state.load_state_dict(state)
+    def _labels(self) -> Tensor:
+        return self.ctx.labels(self.ctx.batch_size)
 
 
 class FastSynthesizer:
