@@ -115,6 +115,20 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _provenance(family: str, split: str, sha: str, rs: list[dict[str, Any]]) -> str:
+    """Which config a group ran: the family YAML as committed now, or the one of the group's
+    first run's commit with that run's overrides (the YAML may have changed since)."""
+    overrides = rs[0].get("overrides") or []
+    now = f"`{family}.yaml` as it is now"
+    try:
+        if family_config(family, split, [])[1] == sha:
+            return now if not overrides else f"{now} (run as {' '.join(overrides)})"
+    except (OSError, ValueError):
+        pass
+    base = f"`{family}.yaml` at commit {rs[0].get('commit', '?')}"
+    return base + (f" + {' '.join(overrides)}" if overrides else "")
+
+
 def write_tables(runs: list[dict[str, Any]], out: Path) -> str:
     """Markdown + JSON: per (split, family, config hash), mean / std of each variant."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -125,10 +139,9 @@ def write_tables(runs: list[dict[str, Any]], out: Path) -> str:
     for (split, family, sha), rs in sorted(groups.items()):
         teacher = next((r["teacher_top1"] for r in rs if r.get("teacher_top1") is not None), None)
         overrides = rs[0].get("overrides") or []
+        provenance = _provenance(family, split, sha, rs)
         lines += [
-            f"## {family}, {split} split (config {sha}"
-            + (f", overrides {' '.join(overrides)}" if overrides else "")
-            + ")",
+            f"## {family}, {split} split (config {sha}: {provenance})",
             "",
             f"Teacher top-1 on the same images: {teacher}",
             "",
@@ -167,6 +180,7 @@ def write_tables(runs: list[dict[str, Any]], out: Path) -> str:
                 "family": family,
                 "config_sha": sha,
                 "overrides": overrides,
+                "provenance": provenance,
                 "teacher_top1": teacher,
                 "variants": rows,
             }

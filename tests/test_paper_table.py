@@ -72,3 +72,20 @@ def test_family_config_hash_tracks_overrides() -> None:
     assert paper_table.family_config("deepinversion", "val", [])[0].synthesis.kind == (
         "deepinversion"
     )
+
+
+def test_table_says_which_config_each_group_ran() -> None:
+    """A group of the YAML as committed says so; a group of an earlier YAML (or with
+    overrides) names the commit it ran at and its overrides."""
+    cfg, now = paper_table.family_config("fast", "test", [])
+    same = f"distill.epochs={cfg.distill.epochs}"  # the committed value
+    assert paper_table.family_config("fast", "test", [same])[1] == now
+    old = paper_table.family_config("fast", "test", ["distill.epochs=3"])[1]
+    current = [{"commit": "aaa1111", "overrides": []}]
+    assert paper_table._provenance("fast", "test", now, current) == "`fast.yaml` as it is now"
+    run_as = [{"commit": "aaa1111", "overrides": [same]}]
+    assert f"(run as {same})" in paper_table._provenance("fast", "test", now, run_as)
+    earlier = [{"commit": "bbb2222", "overrides": ["distill.epochs=3"]}]
+    assert paper_table._provenance("fast", "test", old, earlier) == (
+        "`fast.yaml` at commit bbb2222 + distill.epochs=3"
+    )
