@@ -12,7 +12,9 @@ Resumable: every finished run appends one JSON line to
 ``benchmarks/results/paper_table/runs.jsonl`` (split, family, variant, seed, the config's
 hash, student and teacher top-1, wall time, loss-term diagnostics), and runs already there
 for the same config are skipped, so the table can be filled over several sessions or by
-several processes at once (e.g. one per variant, ``--threads 1`` each). ``--set`` applies
+several processes at once (e.g. one per variant, ``--threads 1`` each). A run that was
+interrupted (its checkpoint is in its run directory, under the same config) continues from
+its last epoch instead of starting over. ``--set`` applies
 overrides to the family config (and changes its hash: the table groups by it).
 
 Tune against ``--split val`` (5,000 training images held out, fixed); report ``--split
@@ -35,8 +37,9 @@ import yaml
 from rich.console import Console
 
 from stars.ablate import variant_config
-from stars.config import RunConfig, apply_overrides
-from stars.pipeline import run_distill
+from stars.config import RunConfig, apply_overrides, load_config
+from stars.errors import StarsError
+from stars.pipeline import CHECKPOINT, run_distill
 from stars.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +116,19 @@ def load_runs(path: Path) -> list[dict[str, Any]]:
 
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _resumable(cfg: RunConfig) -> Path | None:
+    """The run directory of an interrupted run of exactly ``cfg`` (its checkpoint is there
+    and its saved config is the same), to continue instead of starting over."""
+    run = Path(cfg.output_dir) / (cfg.name or "")
+    if not cfg.name or not (run / CHECKPOINT).is_file():
+        return None
+    try:
+        saved = load_config(run / "config.yaml")
+    except (OSError, StarsError):
+        return None
+    return run if saved.model_dump(mode="json") == cfg.model_dump(mode="json") else None
 
 
 def _provenance(family: str, split: str, sha: str, rs: list[dict[str, Any]]) -> str:
@@ -236,7 +252,10 @@ def main() -> None:
                     vcfg = variant_config(cfg, variant, seed, run_dir_root)
                     console.rule(f"{family} / {variant} / seed {seed} / {args.split}")
                     start = time.time()
-                    result = run_distill(vcfg, overwrite=True, console=console)
+                    resume = _resumable(vcfg)
+                    if resume is not None:
+                        console.print(f"resuming the interrupted run in {resume}")
+                    result = run_distill(vcfg, resume=resume, overwrite=True, console=console)
                     record = {
                         "split": args.split,
                         "family": family,
@@ -246,7 +265,8 @@ def main() -> None:
                         "seed": seed,
                         "student_top1": result.summary.get("student_top1"),
                         "teacher_top1": result.summary.get("teacher_top1"),
-                        "seconds": time.time() - start,
+                        # the run's own clock counts the time before an interruption too
+                        "seconds": float(result.summary.get("seconds", time.time() - start)),
                         "threads": torch.get_num_threads(),
                         "commit": _git_commit(),
                         "run_dir": str(result.run_dir),

@@ -89,3 +89,41 @@ def test_table_says_which_config_each_group_ran() -> None:
     assert paper_table._provenance("fast", "test", old, earlier) == (
         "`fast.yaml` at commit bbb2222 + distill.epochs=3"
     )
+
+
+class _Stop(Exception):
+    """Stands in for the end of a session in the middle of a run."""
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stars.pipeline
+
+    out = tmp_path / "results"
+    sets = [*TINY, "distill.epochs=2", f"data.root={cifar_root}", f"output_dir={tmp_path}"]
+    args = ["--family", "fast", "--split", "val", "--seeds", "1", "--out", str(out)]
+    args += ["--variants", "baseline"]
+    for s in sets:
+        args += ["--set", s]
+    from stars.distill.checkpoint import save_state as save
+
+    def save_then_stop(path: Path, state: dict[str, object]) -> None:
+        save(path, state)
+        raise _Stop
+
+    monkeypatch.setattr(stars.pipeline, "save_state", save_then_stop)
+    with pytest.raises(_Stop):
+        _main(monkeypatch, args)
+    assert not (out / "runs.jsonl").exists()
+    (run,) = (tmp_path / "val").glob("fast-*/baseline-seed0")
+    with (run / "metrics.jsonl").open("a") as fh:  # a start from scratch would delete it
+        fh.write(json.dumps({"event": "marker"}) + "\n")
+
+    monkeypatch.setattr(stars.pipeline, "save_state", save)
+    _main(monkeypatch, args)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "marker"} in lines
+    assert [r["epoch"] for r in lines if r["event"] == "epoch"] == [1, 2]
+    (record,) = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert record["seconds"] == json.loads((run / "summary.json").read_text())["seconds"]
