@@ -20,20 +20,25 @@ DEFAULT_KEYS = ("synthesis/bn", "synthesis/tar", "synthesis/oh", "kd/agreement")
 DEFAULT_WINDOWS = ("11-20", "last10")
 
 
+def _epoch_records(run_dir: Path) -> list[dict[str, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in (json.loads(x) for x in lines if x) if r.get("event") == "epoch"]
+
+
 def _window(epochs: list[dict[str, float]], spec: str) -> list[dict[str, float]]:
-    """Epoch records inside ``spec``: ``A-B`` (inclusive epoch numbers) or ``lastN``."""
-    if spec.startswith("last"):
+    """Epoch records inside ``spec``: ``A-B`` (inclusive epoch numbers) or ``lastN``;
+    ValueError for anything else."""
+    if spec.startswith("last") and spec[4:].isdigit():
         return epochs[-int(spec[4:]) :]
-    lo, hi = (int(x) for x in spec.split("-"))
-    return [r for r in epochs if lo <= r["epoch"] <= hi]
+    lo, sep, hi = spec.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit()):
+        raise ValueError(f"{spec!r} is neither A-B (epochs) nor lastN")
+    return [r for r in epochs if int(lo) <= r["epoch"] <= int(hi)]
 
 
-def run_trends(
-    run_dir: Path, keys: tuple[str, ...], windows: tuple[str, ...]
+def _trends(
+    epochs: list[dict[str, float]], keys: tuple[str, ...], windows: tuple[str, ...]
 ) -> dict[str, dict[str, float]]:
-    """``{window: {key: mean}}`` for one run; a key absent from a window is left out."""
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    epochs = [r for r in records if r.get("event") == "epoch"]
     out: dict[str, dict[str, float]] = {}
     for spec in windows:
         chosen = _window(epochs, spec)
@@ -45,9 +50,11 @@ def run_trends(
     return out
 
 
-def _epochs(run_dir: Path) -> int:
-    records = (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x)
-    return sum(1 for r in records if r.get("event") == "epoch")
+def run_trends(
+    run_dir: Path, keys: tuple[str, ...], windows: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """``{window: {key: mean}}`` for one run; a key absent from a window is left out."""
+    return _trends(_epoch_records(run_dir), keys, windows)
 
 
 def trends_table(group: Path, keys: tuple[str, ...], windows: tuple[str, ...]) -> str:
@@ -66,9 +73,10 @@ def trends_table(group: Path, keys: tuple[str, ...], windows: tuple[str, ...]) -
         "|---|" + "---:|" * (len(header) - 1),
     ]
     for run in runs:
-        t = run_trends(run, keys, windows)
+        epochs = _epoch_records(run)
+        t = _trends(epochs, keys, windows)
         cells = [f"{t[w][k]:.3f}" if k in t[w] else "" for w in windows for k in keys]
-        lines.append("| " + " | ".join([run.name, str(_epochs(run)), *cells]) + " |")
+        lines.append("| " + " | ".join([run.name, str(len(epochs)), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,10 +92,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     a = p.parse_args()
     for spec in a.windows.split(","):
-        if not (spec.startswith("last") and spec[4:].isdigit()) and not (
-            spec.count("-") == 1 and all(x.isdigit() for x in spec.split("-"))
-        ):
-            p.error(f"--windows: {spec!r} is neither A-B (epochs) nor lastN")
+        try:
+            _window([], spec)
+        except ValueError as e:
+            p.error(f"--windows: {e}")
     if not a.group.is_dir():
         p.error(f"group: {a.group} is not a directory")
     table = trends_table(a.group, tuple(a.keys.split(",")), tuple(a.windows.split(",")))
