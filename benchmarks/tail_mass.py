@@ -28,17 +28,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from stars.config import RunConfig, load_config
-from stars.data.datasets import build_data, stratified_subset
+from stars.data.datasets import DataSource, build_data, first_n, stratified_subset
 from stars.distill.checkpoint import load_state
 from stars.models.factory import build_teacher
 from stars.models.teachers import ANNTeacher
+from stars.pipeline import VAL_SEED
 from stars.synthesis.losses import bn_matching, tar_loss
 from stars.synthesis.memory import MemoryBank
 from stars.synthesis.priors import BNPrior, FeatureTap, extract_bn_prior, extract_tail_prior
 
 KAPPAS = (1.0, 2.0, 3.0)
 SOURCES = ("gaussian-bn", "laplace-bn")
-VAL_SEED = 12345  # stars.pipeline's val subset
 
 
 @dataclasses.dataclass
@@ -102,17 +102,13 @@ def bank_images(run_dir: Path, mean: Sequence[float], std: Sequence[float]) -> T
     return MemoryBank(1, mean, std).to_normalized(pixels)
 
 
-def val_images(cfg: RunConfig, n: int | None) -> Tensor:
+def val_images(source: DataSource, val_size: int, n: int | None) -> Tensor:
     """The fixed val subset of the training split (stars.pipeline's), the first ``n``."""
-    source = build_data(cfg.data)
-    val = stratified_subset(source.train(augment=False), cfg.evaluation.val_size, VAL_SEED)
-    loader = DataLoader(val, batch_size=500)
+    val = stratified_subset(source.train(augment=False), val_size, VAL_SEED)
     xs: list[Tensor] = []
-    for x, _ in loader:
+    for x, _ in DataLoader(first_n(val, n), batch_size=500):
         xs.append(x)
-        if n is not None and sum(len(t) for t in xs) >= n:
-            break
-    return torch.cat(xs)[:n]
+    return torch.cat(xs)
 
 
 def table(rows: list[tuple[str, TailStats]], kappas: tuple[float, ...]) -> str:
@@ -149,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     source = build_data(cfg.data)
     teacher = build_teacher(cfg.teacher, num_classes=source.num_classes, dataset=cfg.data.kind)
     batch = cfg.synthesis.batch_size
+    real = val_images(source, cfg.evaluation.val_size, args.real_images)
     rows = [
         (
             "real (val subset)",
-            measure(teacher, val_images(cfg, args.real_images), cfg, batch, KAPPAS),
+            measure(teacher, real, cfg, batch, KAPPAS),
         )
     ]
     for d in runs:

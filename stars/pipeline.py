@@ -278,6 +278,9 @@ class DistillResult:
 
 # ----------------------------------------------------------------------------- evaluation
 
+VAL_SEED = 12345
+"""Seed of the fixed val subset of the training split (``evaluation.split: val``)."""
+
 
 def _test_loader(cfg: RunConfig, console: Console) -> DataLoader[Any] | None:
     if not cfg.evaluation.enabled:
@@ -285,7 +288,7 @@ def _test_loader(cfg: RunConfig, console: Console) -> DataLoader[Any] | None:
     try:
         source = build_data(cfg.data)
         if cfg.evaluation.split == "val":
-            val = stratified_subset(source.train(augment=False), cfg.evaluation.val_size, 12345)
+            val = stratified_subset(source.train(augment=False), cfg.evaluation.val_size, VAL_SEED)
             return DataLoader(
                 stratified_subset(val, cfg.evaluation.max_images, 0),
                 batch_size=cfg.evaluation.batch_size,
