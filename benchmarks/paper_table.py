@@ -45,7 +45,7 @@ from stars.runtime import tune_malloc
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "paper_table"
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "fast": ("baseline", "rca", "tar", "stars"),
+    "fast": ("baseline", "rca", "tar", "spike", "stars"),
     "deepinversion": ("baseline", "stars"),
 }
 DIAGNOSTIC_KEYS = (
@@ -56,8 +56,10 @@ DIAGNOSTIC_KEYS = (
     "synthesis/rca_weight",
     "synthesis/tar",
     "synthesis/tar_saturated",
+    "synthesis/spike_tar",
     "kd/kd",
     "kd/rca",
+    "kd/spike_tar",
     "kd/agreement",
 )
 

@@ -24,10 +24,12 @@ __all__ = ["VARIANTS", "run_ablation", "variant_config"]
 
 _OFF_RCA = ["stars.rca.weight=0", "stars.rca.student_weight=0"]
 _OFF_TAR = ["stars.tar.weight=0"]
+_OFF_SPIKE = ["stars.spike_tar.weight=0", "stars.spike_tar.student_weight=0"]
 VARIANTS: dict[str, list[str]] = {
-    "baseline": _OFF_RCA + _OFF_TAR,
-    "rca": _OFF_TAR,
-    "tar": _OFF_RCA,
+    "baseline": _OFF_RCA + _OFF_TAR + _OFF_SPIKE,
+    "rca": _OFF_TAR + _OFF_SPIKE,
+    "tar": _OFF_RCA + _OFF_SPIKE,
+    "spike": _OFF_RCA + _OFF_TAR,
     "stars": [],
 }
 

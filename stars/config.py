@@ -14,6 +14,7 @@ and what is allowed. The CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -52,6 +53,7 @@ __all__ = [
     "RunConfig",
     "SGDOptimizer",
     "ScheduleConfig",
+    "SpikeTARConfig",
     "StarsConfig",
     "StepSchedule",
     "StudentConfig",
@@ -60,6 +62,7 @@ __all__ = [
     "TeacherConfig",
     "TeacherTrainConfig",
     "TrainConfig",
+    "WeightSchedule",
     "apply_overrides",
     "load_config",
     "load_teacher_config",
@@ -336,6 +339,10 @@ class RCAConfig(_Frozen):
     measurement often comes before any KD step, against an untrained student, and rests on
     the few samples it happens to agree on). None: calibrate once."""
 
+    student_per_step: bool = False
+    """KD side: apply RCA at every time step (``mean_t L_rca(z_T, z_S,t)`` on the per-step
+    features or logits) instead of on their time average."""
+
     @model_validator(mode="after")
     def _recalibration_needs_a_ratio(self) -> RCAConfig:
         if self.recalibrate_every is not None and self.grad_ratio is None:
@@ -353,6 +360,9 @@ class TARConfig(_Frozen):
     tail_masses: tuple[Probability, ...] = (0.159, 0.023)
     """Target tail masses for ``source: quantile`` (one threshold per mass)."""
     site: Literal["teacher", "student"] = "teacher"
+    layers: tuple[int, ...] | None = None
+    """Only these BN layers (indices in forward order, negative from the end: ``[-1]`` is
+    the last); null = every layer."""
 
     @field_validator("kappas", "tail_masses")
     @classmethod
@@ -362,15 +372,103 @@ class TARConfig(_Frozen):
         return v
 
 
+class SpikeTARConfig(_Frozen):
+    """Spike-aware TAR (STARS): the student's soft threshold crossings at chosen spiking
+    layers against the teacher's tail exceedances at paired BN layers, on the same batch
+    (docs/design.md section 4.6; :mod:`stars.synthesis.spike_tar`)."""
+
+    weight: NonNegFloat = 0.0
+    """lambda in the generator objective (0: off in synthesis)."""
+    role: Literal["adversarial", "align"] = "adversarial"
+    """``adversarial``: the generator maximizes the mismatch (on the samples the student
+    classifies like the teacher when ``gate``), seeking images whose crossings the student
+    has not learned; ``align``: it minimizes it."""
+    student_weight: NonNegFloat = 0.0
+    """beta in the student objective: the student minimizes the mismatch during KD."""
+    stages: tuple[int, ...] | None = None
+    """Student spiking layers (indices in forward order, negative from the end), each paired
+    with a teacher BN layer by relative depth; null = every spiking layer."""
+    pairs: tuple[tuple[int, int], ...] | None = None
+    """Explicit ``[student layer, teacher BN layer]`` pairs (replaces ``stages``)."""
+    tau_rel: PosFloat = 0.2
+    """Student temperature: ``sigmoid((H - V_th) / (tau_rel * V_th))``."""
+    target: Literal["teacher", "gaussian", "laplace"] = "teacher"
+    """``teacher``: the teacher's soft exceedance on the same batch; ``gaussian`` /
+    ``laplace``: the constant tail mass above ``kappa`` standard deviations of that law."""
+    threshold: Literal["bn", "batch-quantile"] = "bn"
+    """Teacher thresholds: ``bn``: ``running_mean + kappa * std`` per channel;
+    ``batch-quantile``: the batch's own per-channel ``1 - tail_mass`` quantile."""
+    kappa: NonNegFloat = 1.0
+    tail_mass: Probability = 0.1
+    teacher_tau_rel: PosFloat = 0.1
+    """Teacher temperature: ``tau_c = teacher_tau_rel * sqrt(running_var_c + eps)``."""
+    granularity: Literal["batch", "sample", "spatial"] = "spatial"
+    """What is compared: per position (maps pooled to the coarser grid), per sample, or the
+    whole batch."""
+    normalize: bool = True
+    """Divide each side by its mean: only the pattern of crossings must agree, not the
+    firing level."""
+    gate: bool = True
+    """Adversarial role: only samples the student classifies like the teacher."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpikeTARConfig:
+        if self.pairs is not None and self.stages is not None:
+            raise ValueError("give stages or pairs, not both")
+        if self.granularity == "batch" and self.normalize:
+            raise ValueError("normalize needs granularity 'sample' or 'spatial' (a normalized "
+                             "batch mean is always 1)")
+        if self.target != "teacher" and self.normalize:
+            raise ValueError(f"target {self.target!r} is a constant: use normalize: false")
+        if self.target != "teacher" and self.threshold != "bn":
+            raise ValueError("threshold applies to target 'teacher' only")
+        return self
+
+
+class WeightSchedule(_Frozen):
+    """A factor in ``[0, 1]`` on every STARS weight of the generator objective, by epoch
+    ``e`` (0-based): ``constant`` 1; ``step`` 1 before ``end_epoch``, then 0; ``linear``
+    ``max(0, 1 - e / end_epoch)``; ``cosine`` ``(1 + cos(pi min(e / end_epoch, 1))) / 2``.
+    The student's weights (``student_weight``) are not scheduled."""
+
+    kind: Literal["constant", "step", "linear", "cosine"] = "constant"
+    end_epoch: PosInt | None = None
+
+    @model_validator(mode="after")
+    def _needs_end(self) -> WeightSchedule:
+        if self.kind != "constant" and self.end_epoch is None:
+            raise ValueError(f"schedule {self.kind!r} needs end_epoch")
+        return self
+
+    def factor(self, epoch: int) -> float:
+        """The factor at 0-based ``epoch``."""
+        if self.kind == "constant" or self.end_epoch is None:
+            return 1.0
+        frac = min(max(epoch, 0) / self.end_epoch, 1.0)
+        if self.kind == "step":
+            return 1.0 if epoch < self.end_epoch else 0.0
+        if self.kind == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 class StarsConfig(_Frozen):
-    """The STARS plug-in. Both weights 0 (the default) is the plain baseline."""
+    """The STARS plug-in. Every weight 0 (the default) is the plain baseline."""
 
     rca: RCAConfig = RCAConfig()
     tar: TARConfig = TARConfig()
+    spike_tar: SpikeTARConfig = SpikeTARConfig()
+    schedule: WeightSchedule = WeightSchedule()
 
     @property
     def enabled(self) -> bool:
-        return self.rca.weight > 0 or self.rca.student_weight > 0 or self.tar.weight > 0
+        return (
+            self.rca.weight > 0
+            or self.rca.student_weight > 0
+            or self.tar.weight > 0
+            or self.spike_tar.weight > 0
+            or self.spike_tar.student_weight > 0
+        )
 
 
 # ----------------------------------------------------------------------------- training

@@ -78,7 +78,9 @@ from stars.runtime import (
     seed_everything,
 )
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.priors import extract_bn_prior
 from stars.synthesis.protocols import SynthesisStep
+from stars.synthesis.spike_tar import SpikeTailTerm
 
 __all__ = [
     "Components",
@@ -230,6 +232,9 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
         rca_weight=cfg.stars.rca.student_weight,
         rca_features=cfg.stars.rca.features,
         rca_delta=cfg.stars.rca.delta,
+        rca_per_step=cfg.stars.rca.student_per_step,
+        spike=SpikeTailTerm(cfg.stars.spike_tar, extract_bn_prior(teacher)).to(device),
+        spike_weight=cfg.stars.spike_tar.student_weight,
         device=device,
         precision=cfg.precision,
         seed=cfg.seed + 1 + 1000 * info.rank,

@@ -15,6 +15,7 @@ from stars.config import (
     ConfigError,
     RunConfig,
     TeacherTrainConfig,
+    WeightSchedule,
     apply_overrides,
     dump_yaml,
     load_config,
@@ -188,6 +189,14 @@ BAD_CASES: list[tuple[str, list[str], str]] = [
         ["stars.rca.grad_ratio=0.2", "stars.rca.recalibrate_every=0"],
         "stars.rca.recalibrate_every",
     ),
+    ("", ["stars.spike_tar.stages=[0]", "stars.spike_tar.pairs=[[0, 1]]"], "stars.spike_tar"),
+    ("", ["stars.spike_tar.granularity=batch"], "stars.spike_tar"),
+    ("", ["stars.spike_tar.target=gaussian"], "stars.spike_tar"),
+    ("", ["stars.spike_tar.tail_mass=1.5"], "stars.spike_tar.tail_mass"),
+    ("", ["stars.spike_tar.role=maximize"], "stars.spike_tar.role"),
+    ("", ["stars.schedule.kind=linear"], "stars.schedule"),
+    ("", ["stars.schedule.end_epoch=0"], "stars.schedule.end_epoch"),
+    ("", ["stars.tar.layers=first"], "stars.tar.layers"),
 ]
 
 
@@ -285,3 +294,23 @@ def test_version() -> None:
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["constant", "step", "linear", "cosine"]),
+    end=st.integers(1, 200),
+    epoch=st.integers(0, 400),
+)
+def test_weight_schedule_is_a_non_increasing_factor(kind: str, end: int, epoch: int) -> None:
+    """In [0, 1], 1 at epoch 0, non-increasing, and 0 from ``end_epoch`` on (except
+    ``constant``, always 1)."""
+    sched = WeightSchedule(kind=kind, end_epoch=None if kind == "constant" else end)
+    f = sched.factor(epoch)
+    assert 0.0 <= f <= 1.0
+    assert sched.factor(0) == 1.0
+    assert sched.factor(epoch + 1) <= f + 1e-15
+    if kind != "constant" and epoch >= end:
+        assert f == pytest.approx(0.0, abs=1e-15)
+    if kind == "constant":
+        assert f == 1.0

@@ -12,8 +12,12 @@ from typing import Any
 
 import yaml
 
-STARS_ON: dict[str, Any] = {"rca": {"weight": 0.1, "student_weight": 0.5}, "tar": {"weight": 5.0}}
-"""Both STARS terms switched on at small weights."""
+STARS_ON: dict[str, Any] = {
+    "rca": {"weight": 0.1, "student_weight": 0.5},
+    "tar": {"weight": 5.0},
+    "spike_tar": {"weight": 1.0, "student_weight": 0.5},
+}
+"""Every STARS term switched on at small weights (spike-aware TAR in synthesis and KD)."""
 
 
 def tiny_run_config(

@@ -1,7 +1,9 @@
 """The student's side of distillation: one KD step on a batch of synthetic images.
 
-``L_S = tau^2 KL(softmax(f_T(x)/tau) || softmax(mean_t f_S(x)_t / tau)) + beta_rca L_rca``
-(DESIGN.md section 4; ``loss: tet`` applies the KD term at every time step instead). The
+``L_S = tau^2 KL(softmax(f_T(x)/tau) || softmax(mean_t f_S(x)_t / tau)) + beta_rca L_rca
++ beta_spike L_spike`` (docs/design.md section 4; ``loss: tet`` applies the KD term at every
+time step instead; ``L_spike`` is spike-aware TAR, the student's soft threshold crossings
+against the teacher's tail exceedances on the same batch). The
 batch is augmented per sample (random crop with 4-pixel padding and horizontal flip, as Fast
 trains on its image pool); the augmentation draws from the distiller's own generator. A step
 whose loss or gradients are not finite is skipped (no parameter changes) and counted.
@@ -16,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stars.distill.losses import kd_loss, student_rca, tet_kd_loss
+from stars.distill.losses import kd_loss, student_rca, student_rca_per_step, tet_kd_loss
 from stars.distill.protocols import StepOutput
+from stars.neurons.membrane import MembraneTap
 from stars.runtime import autocast
+from stars.synthesis.priors import FeatureTap
+from stars.synthesis.spike_tar import SpikeTailTerm
 
 __all__ = ["KDDistiller", "random_crop_flip"]
 
@@ -47,7 +52,9 @@ class KDDistiller:
         optimizer, scheduler: stepped once per :meth:`step`.
         temperature: KD temperature ``tau``.
         loss: ``kd`` (on the mean logits over T) or ``tet`` (per time step).
-        rca_weight: ``beta_rca``; ``rca_features`` and ``rca_delta`` as in :class:`RCAConfig`.
+        rca_weight: ``beta_rca``; ``rca_features`` and ``rca_delta`` as in :class:`RCAConfig`;
+            ``rca_per_step``: RCA at each time step (``rca.student_per_step``).
+        spike, spike_weight: spike-aware TAR and its weight ``beta_spike`` (off when 0).
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 uses a grad scaler).
         seed: seeds the augmentation generator.
     """
@@ -64,6 +71,9 @@ class KDDistiller:
         rca_weight: float = 0.0,
         rca_features: str = "penultimate",
         rca_delta: float = 1e-4,
+        rca_per_step: bool = False,
+        spike: SpikeTailTerm | None = None,
+        spike_weight: float = 0.0,
         device: torch.device | None = None,
         precision: str = "fp32",
         seed: int = 0,
@@ -80,6 +90,9 @@ class KDDistiller:
         self.rca_weight = rca_weight
         self.rca_features = rca_features
         self.rca_delta = rca_delta
+        self.rca_per_step = rca_per_step
+        self.spike = spike if spike_weight > 0 else None
+        self.spike_weight = spike_weight
         self.device = device or torch.device("cpu")
         self.precision = precision
         self.augment = augment
@@ -101,13 +114,32 @@ class KDDistiller:
         if self.augment:
             x = random_crop_flip(x, padding=4, generator=self.rng)
         self.student.train()
-        with torch.no_grad(), autocast(self.device, self.precision):
+        spike = self.spike
+        t_bns: list[nn.Module] = []
+        neurons: list[nn.Module] = []
+        tapped: list[nn.Module] = []
+        pairs: list[tuple[int, int]] = []
+        if spike is not None:
+            t_bns = list(self.teacher.bn_layers())  # type: ignore[operator]
+            neurons = [m for _, m in self.student.spiking_neurons()]  # type: ignore[operator]
+            pairs = spike.pairs(len(neurons))
+            t_bns = [t_bns[t] for _, t in pairs]
+            tapped = [neurons[s] for s, _ in pairs]
+        with (
+            torch.no_grad(),
+            autocast(self.device, self.precision),
+            FeatureTap(t_bns, detach=True) as t_tap,
+        ):
             t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
-        with autocast(self.device, self.precision):
+            t_acts = {t: t_tap[m] for (_, t), m in zip(pairs, t_bns, strict=True)}
+        spike_value: Tensor | None = None
+        with autocast(self.device, self.precision), MembraneTap(tapped) as m_tap:
             fwd: Callable[[Tensor], tuple[Tensor, Tensor]] = (
                 self.features_fn or self.student.forward_features  # type: ignore[assignment]
             )
             s_feats_seq, s_logits_seq = fwd(x)
+            if spike is not None:
+                spike_value = spike.loss(t_acts, m_tap, neurons)
         t_logits = t_logits.float()
         if self.loss_kind == "tet":
             kd = tet_kd_loss(s_logits_seq.float(), t_logits, temperature=self.temperature)
@@ -116,12 +148,16 @@ class KDDistiller:
         parts: dict[str, Tensor] = {"kd": kd}
         loss = kd
         if self.rca_weight > 0:
+            rca_fn = student_rca_per_step if self.rca_per_step else student_rca
             if self.rca_features == "logits":
-                rca = student_rca(s_logits_seq.float(), t_logits, delta=self.rca_delta)
+                rca = rca_fn(s_logits_seq.float(), t_logits, delta=self.rca_delta)
             else:
-                rca = student_rca(s_feats_seq.float(), t_feats.float(), delta=self.rca_delta)
+                rca = rca_fn(s_feats_seq.float(), t_feats.float(), delta=self.rca_delta)
             parts["rca"] = rca
             loss = loss + self.rca_weight * rca
+        if spike_value is not None:
+            parts["spike_tar"] = spike_value
+            loss = loss + self.spike_weight * spike_value
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite or self.distributed:

@@ -2,7 +2,8 @@
 
 ``L_S = tau^2 KL(softmax(f_T(x) / tau) || softmax(mean_t f_S(x)_t / tau)) + beta_rca L_rca``:
 :func:`kd_loss` on the time-averaged student logits (or :func:`tet_kd_loss`, one KD term per
-time step) plus :func:`student_rca`.
+time step) plus :func:`student_rca` (or :func:`student_rca_per_step`). The spike-aware TAR term
+of the student is :func:`stars.synthesis.spike_tar.spike_tail_loss`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from stars.synthesis.losses import rca_loss, time_mean
 
-__all__ = ["kd_loss", "student_rca", "tet_kd_loss"]
+__all__ = ["kd_loss", "student_rca", "student_rca_per_step", "tet_kd_loss"]
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -83,3 +84,25 @@ def student_rca(s_features_seq: Tensor, t_features: Tensor, *, delta: float) -> 
             f"student_rca: expected [T, N, D] features, got {tuple(s_features_seq.shape)}"
         )
     return rca_loss(t_features, time_mean(s_features_seq), delta=delta)
+
+
+def student_rca_per_step(s_features_seq: Tensor, t_features: Tensor, *, delta: float) -> Tensor:
+    """RCA at every time step: ``mean_t L_rca(z_T, z_S,t)`` (``rca.student_per_step``).
+
+    Where :func:`student_rca` asks the *time-averaged* rates to relate the samples as the
+    teacher does, this asks it of each step's features (or logits), so that a student whose
+    steps disagree with each other cannot satisfy it on average only.
+
+    Args:
+        s_features_seq: ``[T, N, D_S]`` student features (or logits) per step.
+        t_features: ``[N, D_T]`` teacher features (or logits).
+        delta: safe-norm constant.
+
+    Returns:
+        Scalar in ``[0, 4]``; equal to :func:`student_rca` when every step is the same.
+    """
+    if s_features_seq.ndim < 3:
+        raise ValueError(
+            f"student_rca_per_step: expected [T, N, D] features, got {tuple(s_features_seq.shape)}"
+        )
+    return torch.stack([rca_loss(t_features, z, delta=delta) for z in s_features_seq]).mean()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from stars.config import StarsConfig
+from stars.neurons.membrane import MembraneTap
 from stars.runtime import autocast
 from stars.synthesis import losses as L
 from stars.synthesis.priors import (
@@ -30,10 +31,27 @@ from stars.synthesis.priors import (
     extract_bn_prior,
     extract_tail_prior,
 )
+from stars.synthesis.spike_tar import SpikeTailTerm
 
 __all__ = ["ObjectiveOutput", "SynthesisObjective", "TermWeights", "frozen"]
 
 Stats = tuple[Tensor, Tensor]
+
+
+def _indices(chosen: tuple[int, ...], n: int) -> list[int]:
+    """Layer indices (negative from the end) as non-negative ones; out of range is an error."""
+    out = [i + n if i < 0 else i for i in chosen]
+    bad = [c for c, i in zip(chosen, out, strict=True) if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"stars.tar.layers {bad} out of range for {n} BN layers")
+    return out
+
+
+def _subset(prior: TailPrior, chosen: tuple[int, ...] | None) -> TailPrior:
+    if chosen is None:
+        return prior
+    idx = _indices(chosen, len(prior.layers))
+    return TailPrior(tuple(prior.layers[i] for i in idx), prior.source, prior.levels)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ def rca_calibration_due(
         and terms["bn"].requires_grad
         and x.requires_grad
         and objective.weights.bn > 0
+        and objective.scale > 0
     )
 
 
@@ -141,7 +160,14 @@ class SynthesisObjective:
         self.bn_prior: BNPrior = extract_bn_prior(self.bn_layers)
         self.tail_prior: TailPrior | None = None
         if stars.tar.site == "teacher":
-            self.tail_prior = extract_tail_prior(self.bn_prior, stars.tar, student_vth=student_vth)
+            self.tail_prior = _subset(
+                extract_tail_prior(self.bn_prior, stars.tar, student_vth=student_vth),
+                stars.tar.layers,
+            )
+        self.spike = SpikeTailTerm(stars.spike_tar, self.bn_prior)
+        """Spike-aware TAR (``stars.spike_tar``)."""
+        self.scale = 1.0
+        """``stars.schedule``'s factor on the STARS weights at the current epoch."""
         self.momentum_state: list[Stats] | None = None
         self.rca_weight: float = stars.rca.weight
         """lambda_rca in effect: ``stars.rca.weight``, or the calibrated value once
@@ -157,12 +183,23 @@ class SynthesisObjective:
             self.tail_prior = self.tail_prior.to(device)
         if self.momentum_state is not None:
             self.momentum_state = [(m.to(device), v.to(device)) for m, v in self.momentum_state]
+        self.spike.to(device)
         return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Apply ``stars.schedule`` for 0-based ``epoch`` (a factor on every STARS weight)."""
+        self.scale = self.stars.schedule.factor(epoch)
 
     @property
     def needs_student(self) -> bool:
         w, s = self.weights, self.stars
-        return w.adv > 0 or w.dfad > 0 or s.rca.weight > 0 or s.tar.site == "student"
+        return (
+            w.adv > 0
+            or w.dfad > 0
+            or s.rca.weight > 0
+            or s.tar.site == "student"
+            or s.spike_tar.weight > 0
+        )
 
     def update_momentum(self, stats: list[Stats]) -> None:
         """Fast: fold a finished batch's statistics into the running estimate."""
@@ -229,10 +266,36 @@ class SynthesisObjective:
         s_acts: list[Tensor] = []
         if student is not None and student_active and self.needs_student:
             s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []  # type: ignore[operator]
-            with FeatureTap(s_bns) as s_tap, autocast(x.device, self.precision):
+            if cfg.tar.site == "student" and cfg.tar.layers is not None:
+                s_bns = [s_bns[i] for i in _indices(cfg.tar.layers, len(s_bns))]
+            spike_w = cfg.spike_tar.weight * self.scale
+            neurons: list[nn.Module] = []
+            listed = getattr(student, "spiking_neurons", None)
+            if spike_w > 0 or (self.measure_inactive and callable(listed)):
+                if not callable(listed):
+                    raise TypeError("stars.spike_tar needs a student with spiking_neurons()")
+                neurons = [m for _, m in listed()]
+            with (
+                FeatureTap(s_bns) as s_tap,
+                MembraneTap(self.spike.tapped(neurons) if neurons else []) as m_tap,
+                autocast(x.device, self.precision),
+            ):
                 s_feats_seq, s_logits_seq = student.forward_features(x)  # type: ignore[operator]
                 s_acts = [s_tap[m] for m in s_bns]
-            s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
+                s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
+                if neurons:
+                    # ---- STARS: spike-aware TAR (the potentials are read inside the tap)
+                    with torch.set_grad_enabled(
+                        (spike_w > 0 or grad_inactive) and torch.is_grad_enabled()
+                    ):
+                        adversarial = cfg.spike_tar.role == "adversarial"
+                        gate = (
+                            L.agreement_mask(t_logits, s_logits).float()
+                            if adversarial and cfg.spike_tar.gate
+                            else None
+                        )
+                        value = self.spike.loss(dict(enumerate(acts)), m_tap, neurons, gate=gate)
+                    add("spike_tar", -value if adversarial else value, spike_w)
             if w.adv:
                 add("adv", L.adversarial_masked_kl(t_logits, s_logits), w.adv)
             if w.dfad:
@@ -243,7 +306,7 @@ class SynthesisObjective:
             use_logits = cfg.rca.features == "logits"
             z_t = t_logits if use_logits else t_feats
             z_s = s_logits if use_logits else s_feats
-            rca_w = self.rca_weight
+            rca_w = self.rca_weight * self.scale
             if rca_w > 0 or self.measure_inactive:
                 with torch.set_grad_enabled(
                     (rca_w > 0 or grad_inactive) and torch.is_grad_enabled()
@@ -255,15 +318,20 @@ class SynthesisObjective:
                 add("rca", rca, rca_w)
 
         # ---- STARS: TAR
-        tar_w = cfg.tar.weight
+        tar_w = cfg.tar.weight * self.scale
         if tar_w > 0 or self.measure_inactive:
             prior, feats = self.tail_prior, acts
+            if cfg.tar.layers is not None:
+                feats = [acts[i] for i in _indices(cfg.tar.layers, len(acts))]
             if cfg.tar.site == "student":
                 prior, feats = None, s_acts
                 if student is not None and s_acts:
                     s_prior = extract_bn_prior(student.bn_layers())  # type: ignore[operator]
-                    prior = extract_tail_prior(
-                        s_prior.to(x.device), cfg.tar, student_vth=self.student_vth
+                    prior = _subset(
+                        extract_tail_prior(
+                            s_prior.to(x.device), cfg.tar, student_vth=self.student_vth
+                        ),
+                        cfg.tar.layers,
                     )
             if prior is not None:
                 with torch.set_grad_enabled(
@@ -280,7 +348,7 @@ class SynthesisObjective:
 
         if calibrate and cfg.rca.grad_ratio is not None:
             if rca_calibration_due(self, terms, x):
-                active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x)
+                active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x) * self.scale
             elif self.rca_calibrated and x.requires_grad:
                 self.rca_age += 1
         if cfg.rca.grad_ratio is not None:
@@ -323,6 +391,7 @@ class SynthesisObjective:
             "adv": self.weights.adv,
             "rca": self.rca_weight or 1.0,
             "tar": self.stars.tar.weight or 1.0,
+            "spike_tar": self.stars.spike_tar.weight or 1.0,
         }
         norms: dict[str, float] = {}
         for name, weight in weights.items():

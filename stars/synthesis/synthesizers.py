@@ -73,10 +73,20 @@ class SynthesisContext:
         self.device = device
         self.bank = MemoryBank(memory_size, mean, std)
         self.rng = torch.Generator().manual_seed(seed)
-        self.epoch = 0
+        self._epoch = 0
         self.calls = 0
         self.store = True
         """Add finished batches to the bank (data-parallel runs add every rank's share)."""
+
+    @property
+    def epoch(self) -> int:
+        """The 0-based epoch; setting it applies ``stars.schedule`` to the objective."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = int(value)
+        self.objective.set_epoch(self._epoch)
 
     def labels(self, n: int) -> Tensor:
         """``n`` uniformly drawn class labels, sorted (as Fast/CMI do), on the device."""

@@ -17,10 +17,12 @@ from stars.config import (
     FastSynthesis,
     NeuronConfig,
     RCAConfig,
+    SpikeTARConfig,
     StarsConfig,
     StudentConfig,
     SynthesisConfig,
     TARConfig,
+    WeightSchedule,
 )
 from stars.models.factory import freeze
 from stars.models.students import build_student
@@ -66,12 +68,18 @@ CASES: dict[str, SynthesisConfig] = {
     ),
 }
 STARS_ON = StarsConfig(
-    rca=RCAConfig(weight=1.0, role="align"), tar=TARConfig(weight=5.0, kappas=(1.0, 2.0))
+    rca=RCAConfig(weight=1.0, role="align"),
+    tar=TARConfig(weight=5.0, kappas=(1.0, 2.0)),
+    spike_tar=SpikeTARConfig(weight=1.0, role="align"),
 )
 # STARS configured differently but switched off: must be exactly the baseline.
 STARS_OFF_OTHER = StarsConfig(
     rca=RCAConfig(weight=0.0, role="align", features="logits", delta=1e-2),
-    tar=TARConfig(weight=0.0, kappas=(1.5,), source="laplace-bn", tau_rel=0.3),
+    tar=TARConfig(weight=0.0, kappas=(1.5,), source="laplace-bn", tau_rel=0.3, layers=(-1,)),
+    spike_tar=SpikeTARConfig(
+        weight=0.0, student_weight=0.0, granularity="sample", tau_rel=0.5, stages=(-1,)
+    ),
+    schedule=WeightSchedule(kind="cosine", end_epoch=3),
 )
 
 
@@ -128,6 +136,8 @@ def test_step_shapes_finite_bank_and_models_untouched(kind: str) -> None:
     assert torch.isfinite(step.images).all()
     assert step.labels.shape == (6,)
     assert set(step.losses) >= {"bn", "oh", "total", "tar", "rca"}
+    if kind != "deepinversion" or STARS_ON.spike_tar.weight > 0:
+        assert "spike_tar" in step.losses
     assert all(torch.isfinite(torch.tensor(v)) for v in step.losses.values())
     assert len(step.trace) == 4
     drawn = synth.sample(5)
@@ -211,7 +221,7 @@ def test_grad_norms_reach_images_for_every_active_term() -> None:
     x = torch.randn(6, 3, SIZE, SIZE)
     y = torch.arange(6) % K
     norms = synth.ctx.objective.grad_norms(x, y, tiny_student())
-    for name in ("bn", "oh", "tar", "rca"):
+    for name in ("bn", "oh", "tar", "rca", "spike_tar"):
         assert name in norms
         assert norms[name] > 0, norms
 
@@ -324,3 +334,30 @@ class _Echo(nn.Module):
 
     def bn_layers(self) -> list[nn.Module]:
         return []
+
+
+@pytest.mark.parametrize("term", ["tar", "spike_tar"])
+def test_each_new_term_alone_changes_the_images(term: str) -> None:
+    """Spike-aware TAR on its own (or TAR on the last layer only) moves the images away from
+    the baseline's; the same term at weight 0 leaves them bit for bit."""
+    student = tiny_student()
+    on = StarsConfig(
+        tar=TARConfig(weight=5.0 if term == "tar" else 0.0, layers=(-1,)),
+        spike_tar=SpikeTARConfig(weight=5.0 if term == "spike_tar" else 0.0),
+    )
+    base = make("fast", StarsConfig()).synthesize(student).images
+    assert not torch.equal(make("fast", on).synthesize(student).images, base)
+
+
+def test_schedule_scales_the_stars_weights_by_epoch() -> None:
+    """A ``step`` schedule ending at epoch 1: STARS acts in epoch 0; from epoch 1 on its weight
+    is 0, so the images are the baseline's bit for bit (same synthesizer state)."""
+    stars = STARS_ON.model_copy(update={"schedule": WeightSchedule(kind="step", end_epoch=1)})
+    student = tiny_student()
+    sched, base = make("fast", stars), make("fast", StarsConfig())
+    sched.ctx.epoch = base.ctx.epoch = 1
+    assert sched.ctx.objective.scale == 0.0
+    assert torch.equal(sched.synthesize(student).images, base.synthesize(student).images)
+    sched.ctx.epoch = 0
+    assert sched.ctx.objective.scale == 1.0
+    assert sched.synthesize(student).losses["spike_tar"] != 0.0
