@@ -3,7 +3,7 @@
 Every model is frozen and forbids unknown keys; variants (datasets, neurons, synthesis
 methods, optimizers, schedules) are discriminated unions on ``kind``. Defaults follow the
 Fast-DFKD CIFAR protocol (Fang et al., AAAI 2022; ``zju-vipa/Fast-Datafree``) where
-``shared/DESIGN.md`` is silent.
+``docs/design.md`` is silent.
 
 Loading is :func:`load_config` (distillation runs) or :func:`load_teacher_config`
 (``stars train-teacher``). Every problem a user can cause (a missing file, a YAML syntax
@@ -185,7 +185,7 @@ class TeacherConfig(_Frozen):
 
 
 class NeuronConfig(_Frozen):
-    """A multi-step spiking neuron (spikingjelly 2.x), DESIGN.md section 5.
+    """A multi-step spiking neuron (spikingjelly 2.x), docs/design.md section 5.
 
     ``v_reset: null`` selects soft reset (subtract the threshold); a number is a hard reset
     to that potential. ``tau`` is ignored by ``if``; for ``plif`` it is the initial tau.
@@ -316,7 +316,7 @@ SynthesisConfig = Annotated[
 
 
 class RCAConfig(_Frozen):
-    """Relational Consistency Alignment (STARS), DESIGN.md section 4."""
+    """Relational Consistency Alignment (STARS), docs/design.md section 4."""
 
     weight: NonNegFloat = 0.0
     """lambda_rca in the generator objective."""
@@ -329,7 +329,7 @@ class RCAConfig(_Frozen):
     delta: PosFloat = 1e-4
     """Safe-norm constant: n(z) = z / sqrt(|z|^2 + delta)."""
     grad_ratio: PosFloat | None = None
-    """Calibrate lambda_rca once (DESIGN.md section 4): at the first synthesis step where the
+    """Calibrate lambda_rca once (docs/design.md section 4): at the first synthesis step where the
     student takes part, the generator's RCA weight is set so that RCA's gradient norm on the
     images is this fraction of the weighted BN term's, then kept (and checkpointed). ``weight``
     must be > 0 (it switches the term on). None: ``weight`` is used as is."""
@@ -351,7 +351,7 @@ class RCAConfig(_Frozen):
 
 
 class TARConfig(_Frozen):
-    """Tail-Aware Regularization (STARS), DESIGN.md section 4."""
+    """Tail-Aware Regularization (STARS), docs/design.md section 4."""
 
     weight: NonNegFloat = 0.0
     kappas: tuple[PosFloat, ...] = (1.0, 2.0)

@@ -12,7 +12,7 @@ __all__ = ["mean_logits", "top1"]
 
 
 def mean_logits(out: Tensor) -> Tensor:
-    """``[N, K]`` unchanged; ``[T, N, K]`` averaged over T (DESIGN.md tensor conventions)."""
+    """``[N, K]`` unchanged; ``[T, N, K]`` averaged over T (docs/design.md tensor conventions)."""
     return out.mean(0) if out.dim() == 3 else out
 
 

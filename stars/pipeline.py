@@ -1,7 +1,7 @@
 """Builds the components a config describes and runs data-free distillation.
 
 ``config -> (teacher, student, synthesizer, distiller) -> epochs of synthesis + KD ->
-evaluation -> run directory`` (DESIGN.md sections 2 and 6). Fast-style alternation: each
+evaluation -> run directory`` (docs/design.md sections 2 and 6). Fast-style alternation: each
 epoch adds ``synthesis_steps_per_epoch`` batches to the memory bank, then runs
 ``kd_steps_per_epoch`` student steps on batches drawn from it (no KD during Fast's warm-up
 epochs). DeepInversion synthesizes every batch first, then distills (unless
@@ -524,7 +524,7 @@ def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
     Images are N(0, 1) in the normalized space (DeepInversion's initialization), drawn from
     a generator of their own so that the run's random streams are untouched. STARS terms
     whose weight is 0 are measured at weight 1. ``ratio/<term>`` is the term's gradient norm
-    over the BN term's: the number to read when choosing ``stars.*.weight`` (DESIGN.md
+    over the BN term's: the number to read when choosing ``stars.*.weight`` (docs/design.md
     section 4 asks that each STARS term be a stated fraction of the BN term at the start).
     """
     g = comp.geometry

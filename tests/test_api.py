@@ -33,7 +33,7 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         _ = stars.no_such_thing
 
 
-# DESIGN.md section 2: a lower layer never imports a higher one.
+# docs/design.md section 2: a lower layer never imports a higher one.
 FORBIDDEN = {
     "neurons": ("stars.models", "stars.synthesis", "stars.distill", "stars.pipeline", "stars.cli"),
     "models": ("stars.synthesis", "stars.distill", "stars.pipeline", "stars.cli"),

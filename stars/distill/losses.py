@@ -1,4 +1,4 @@
-"""Student objectives: pure functions, tensors in, scalar tensor out (DESIGN.md section 4).
+"""Student objectives: pure functions, tensors in, scalar tensor out (docs/design.md section 4).
 
 ``L_S = tau^2 KL(softmax(f_T(x) / tau) || softmax(mean_t f_S(x)_t / tau)) + beta_rca L_rca``:
 :func:`kd_loss` on the time-averaged student logits (or :func:`tet_kd_loss`, one KD term per

@@ -1,4 +1,4 @@
-"""Interfaces of the distillation side (DESIGN.md section 3). Protocols only."""
+"""Interfaces of the distillation side (docs/design.md section 3). Protocols only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Building blocks of the time-first spiking students (DESIGN.md section 5).
+"""Building blocks of the time-first spiking students (docs/design.md section 5).
 
 Stateless layers (convolutions, BatchNorm, pooling) act on a sequence ``[T, N, ...]`` by
 folding time into the batch, ``[T * N, ...]`` (the "SeqToANN" pattern of spikingjelly), so

@@ -1,4 +1,4 @@
-"""Interfaces of teachers and spiking students (DESIGN.md section 3). Protocols only."""
+"""Interfaces of teachers and spiking students (docs/design.md section 3). Protocols only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CIFAR-stem spiking students (DESIGN.md section 5): ResNet-18/19/20, VGG-11/16 and a tiny CNN.
+"""CIFAR-stem spiking students (docs/design.md s. 5): ResNet-18/19/20, VGG-11/16 and a tiny CNN.
 
 All students are time-first and use direct encoding: the image ``[N, C, H, W]`` goes
 through the first conv + BN once (the encoder), the result is repeated over ``T`` steps

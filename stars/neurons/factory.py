@@ -14,7 +14,7 @@ __all__ = ["build_neuron"]
 
 
 def build_neuron(cfg: NeuronConfig) -> MultiStepNeuron:
-    """Build the spiking neuron layer a config describes (DESIGN.md section 5).
+    """Build the spiking neuron layer a config describes (docs/design.md section 5).
 
     Every field is used: ``kind`` picks spikingjelly's ``LIFNode`` / ``IFNode`` /
     ``ParametricLIFNode`` (``tau`` is its initial value for ``plif``, unused by ``if``);

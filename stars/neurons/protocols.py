@@ -1,4 +1,4 @@
-"""Interfaces of spiking neurons (DESIGN.md section 3). Protocols only, no code."""
+"""Interfaces of spiking neurons (docs/design.md section 3). Protocols only, no code."""
 
 from __future__ import annotations
 

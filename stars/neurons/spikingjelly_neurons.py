@@ -1,4 +1,4 @@
-"""Multi-step spiking neurons backed by spikingjelly 2.x (DESIGN.md section 5).
+"""Multi-step spiking neurons backed by spikingjelly 2.x (docs/design.md section 5).
 
 :class:`MultiStepNeuron` wraps one of spikingjelly's ``LIFNode``, ``IFNode`` or
 ``ParametricLIFNode`` and drives it only through spikingjelly's *explicit-state* functional

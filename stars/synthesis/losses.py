@@ -1,4 +1,4 @@
-"""Synthesis objectives: pure functions, tensors in, scalar tensor out (DESIGN.md section 4).
+"""Synthesis objectives: pure functions, tensors in, scalar tensor out (docs/design.md section 4).
 
 Every function here is stateless and differentiable; options are keyword-only. The terms of
 the generator objective
@@ -109,7 +109,7 @@ def bn_matching(
 
     ``L_bn = sum_l ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2`` with
     ``mu_l``, ``var_l`` the per-channel mean and *biased* variance of layer ``l``'s input over
-    N and the spatial dimensions (DESIGN.md section 4). Norms are Euclidean, not squared.
+    N and the spatial dimensions (docs/design.md section 4). Norms are Euclidean, not squared.
 
     Args:
         feats: per BN layer, in the prior's order, either the captured input ``[N, C, *]``
@@ -303,7 +303,7 @@ def relation_matrix(z: Tensor, *, delta: float) -> Tensor:
 
     ``n(z) = z / sqrt(|z|^2 + delta)`` row-wise: cosine similarity with a safe norm. A zero
     row (a spiking student's silent sample) gives a zero row of ``R`` and a gradient bounded
-    by ``1 / sqrt(delta)``, where ``F.normalize`` would give ``1 / eps`` (DESIGN.md's measured
+    by ``1 / sqrt(delta)``, where ``F.normalize`` would give ``1 / eps`` (docs/design.md's measured
     pitfall). The diagonal is ``|z|^2 / (|z|^2 + delta)``: 1 up to ``delta``.
 
     Args:
@@ -325,7 +325,7 @@ def rca_loss(z_t: Tensor, z_s: Tensor, *, delta: float) -> Tensor:
 
     Teacher and student should agree on how the samples of a batch relate to each other.
     Feature widths may differ between the two sides; only the batch size must match. For a
-    spiking student pass ``time_mean(features_seq)`` (DESIGN.md: features averaged over T).
+    spiking student pass ``time_mean(features_seq)`` (docs/design.md: features averaged over T).
 
     Args:
         z_t: ``[B, D_T]`` teacher penultimate features (or logits).
@@ -353,7 +353,7 @@ def rca_adversarial(
     """Gated adversarial RCA for the generator: ``-L_rca`` over the agreed samples only.
 
     Only the samples ``A = {n : argmax t_n = argmax s_n}`` enter: the loss is
-    ``-||R_T[A, A] - R_S[A, A]||_F^2 / |A|^2``. This is our guard from DESIGN.md's measured
+    ``-||R_T[A, A] - R_S[A, A]||_F^2 / |A|^2``. This is our guard from docs/design.md's measured
     pitfalls: maximizing RCA over the whole batch drove the images out of the teacher's domain
     (BN term stuck near 60, TAR saturated); restricting it to samples the student already
     agrees on, like Fast's masked KL, keeps the generator from winning by producing inputs
@@ -466,7 +466,7 @@ class _SoftExceedance(torch.autograd.Function):
 def tar_loss(feats: Sequence[Tensor], prior: TailPrior) -> Tensor:
     """Tail-Aware Regularization (STARS): match soft exceedances to target tail masses.
 
-    ``L_tar = sum_l mean_{k,c} (e_lkc(x) - p_lkc)^2 / (p_lkc (1 - p_lkc))`` (DESIGN.md
+    ``L_tar = sum_l mean_{k,c} (e_lkc(x) - p_lkc)^2 / (p_lkc (1 - p_lkc))`` (docs/design.md
     section 4): summed over layers like ``L_bn``, each threshold scaled by its Bernoulli
     variance so that rare tails (kappa = 2) count as much as common ones (kappa = 1).
 
@@ -490,7 +490,7 @@ def tar_loss_with_exceedances(
 ) -> tuple[Tensor, list[Tensor]]:
     """:func:`tar_loss` and the soft exceedances ``e_l [K, C]`` it compared, per layer.
 
-    The exceedances let a caller check that no sigmoid is saturated (DESIGN.md's pitfall: an
+    The exceedances let a caller check that no sigmoid is saturated (docs/design.md's pitfall: an
     exceedance stuck at 0 means no activation is near its threshold, hence no gradient).
     """
     if len(feats) != len(prior.layers):

@@ -1,7 +1,7 @@
 """The generator objective shared by every synthesizer, with the STARS plug-in.
 
 ``L_G = l_bn L_bn + l_oh L_oh + l_adv L_adv + l_rca (±L_rca) + l_tar L_tar``
-(DESIGN.md section 4), plus the baselines' own terms (DAFL's activation and information
+(docs/design.md section 4), plus the baselines' own terms (DAFL's activation and information
 entropy, DFAD's L1 discrepancy, DeepInversion's image priors). A term whose weight is 0 is
 not added to the loss, so with ``lambda_rca = lambda_tar = 0`` the loss graph, the gradients
 and hence the images are those of the baseline, bit for bit. Such terms are still

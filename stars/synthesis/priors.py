@@ -1,4 +1,4 @@
-"""What the teacher holds without data: BatchNorm statistics and the tail prior (DESIGN.md s. 4).
+"""What the teacher holds without data: BatchNorm statistics and the tail prior (design.md s. 4).
 
 Three pieces live here:
 
@@ -11,7 +11,7 @@ Three pieces live here:
   layer, read once from the teacher (DeepInversion, Yin et al., CVPR 2020).
 - :class:`TailPrior` / :func:`extract_tail_prior`: per-layer exceedance thresholds, sigmoid
   temperatures and target tail masses for Tail-Aware Regularization (STARS, arXiv 2605.27409;
-  the exact definitions are ours, DESIGN.md section 4).
+  the exact definitions are ours, docs/design.md section 4).
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def extract_tail_prior(
     """Thresholds ``theta [K, C]``, temperatures ``tau [C]`` and targets ``p [K, C]`` per layer.
 
     For each layer, with ``mu = running_mean`` and ``s = sqrt(running_var + eps)`` (``[C]``),
-    ``tau = cfg.tau_rel * s`` and, by ``cfg.source`` (DESIGN.md section 4):
+    ``tau = cfg.tau_rel * s`` and, by ``cfg.source`` (docs/design.md section 4):
 
     - ``gaussian-bn`` (default): ``theta_k = mu + kappa_k * s`` for each ``kappa_k`` in
       ``cfg.kappas``; ``p_k = 1 - Phi(kappa_k)`` (0.159, 0.023, 0.0013 for kappa 1, 2, 3).
