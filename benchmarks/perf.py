@@ -266,6 +266,79 @@ def profile_tables(batch: int) -> str:
     )
 
 
+EPOCH_LEVERS: dict[str, list[str]] = {
+    "fp32": [],
+    "bf16": ["precision=bf16"],
+    "channels_last": ["channels_last=true"],
+    "bf16+channels_last": ["precision=bf16", "channels_last=true"],
+    "compile": ["compile=true"],
+    "bf16+compile": ["precision=bf16", "compile=true"],
+}
+"""Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config."""
+
+
+def epoch_ratios(
+    levers: list[str], repeats: int, *, kd_steps: int | None = None, config: Path | None = None
+) -> dict[str, Any]:
+    """Wall time of one distillation epoch per lever, and its ratio to fp32, in one run.
+
+    An epoch is what ``benchmarks/paper_table/fast.yaml`` runs per epoch after the warm-up:
+    one synthesized batch (its ``g_steps`` generator steps, adversarial term on) and
+    ``kd_steps_per_epoch`` KD steps, on the same components ``stars distill`` builds. The
+    levers' epochs alternate (one each, ``repeats`` times, after one warm-up epoch each, which
+    also absorbs ``torch.compile``'s compilation) and medians are reported, so load from other
+    processes affects all alike.
+    """
+    import yaml
+
+    from stars.config import RunConfig, apply_overrides
+    from stars.pipeline import build_components
+
+    tree = yaml.safe_load((config or Path("benchmarks/paper_table/fast.yaml")).read_text())
+    unknown = [name for name in levers if name not in EPOCH_LEVERS]
+    if unknown:
+        raise SystemExit(f"--epoch-levers: unknown {unknown}; allowed: {list(EPOCH_LEVERS)}")
+    comps = {}
+    for name in levers:
+        cfg_tree = apply_overrides(
+            tree, [*EPOCH_LEVERS[name], "synthesis.warmup_epochs=0", "evaluation.enabled=false"]
+        )
+        comps[name] = build_components(RunConfig.model_validate(cfg_tree))
+        comps[name].synthesizer.ctx.epoch = 1
+    first = next(iter(comps.values()))
+    steps = kd_steps if kd_steps is not None else first.cfg.distill.kd_steps_per_epoch
+
+    def epoch(name: str) -> tuple[float, float]:
+        c = comps[name]
+        t0 = time.perf_counter()
+        c.synthesizer.synthesize(c.student)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            c.distiller.step(c.synthesizer.sample(c.cfg.distill.batch_size))
+        return t1 - t0, time.perf_counter() - t1
+
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in levers}
+    for name in levers:
+        epoch(name)  # warm-up (and compilation)
+    for _ in range(repeats):
+        for name in levers:
+            times[name].append(epoch(name))
+    out: dict[str, Any] = {"kd_steps": steps, "repeats": repeats}
+    ref = None
+    for name in levers:
+        synth = statistics.median(t[0] for t in times[name])
+        kd = statistics.median(t[1] for t in times[name])
+        total = statistics.median(t[0] + t[1] for t in times[name])
+        ref = total if ref is None else ref
+        out[name] = {
+            "epoch_s": total,
+            "synthesis_s": synth,
+            "kd_s": kd,
+            "ratio_to_first": total / ref,
+        }
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,7 +352,29 @@ def main() -> None:
         action="store_true",
         help="leave glibc malloc as it is (the stars CLI tunes it: stars.runtime.tune_malloc)",
     )
+    p.add_argument(
+        "--epoch-levers",
+        type=str,
+        default=None,
+        help="only the per-epoch time of these levers (comma list, the first is the reference; "
+        f"allowed: {','.join(EPOCH_LEVERS)}), written to --out",
+    )
+    p.add_argument("--kd-steps", type=int, default=None, help="KD steps per measured epoch")
     args = p.parse_args()
+    if args.epoch_levers:
+        tune_malloc()
+        res = {
+            "command": " ".join(["python", *sys.argv]),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "epoch": epoch_ratios(
+                args.epoch_levers.split(","), args.repeats, kd_steps=args.kd_steps
+            ),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res, indent=2))
+        return
     malloc_tuned = False if args.default_malloc else tune_malloc()
     result: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),

@@ -36,3 +36,15 @@ def test_every_command_in_the_readme_exists() -> None:
                 assert words[1] in help_text, line
                 if words[1] == "config":
                     assert words[2] in config_help, line
+
+
+def test_every_yaml_snippet_in_the_readme_is_a_valid_config() -> None:
+    """A YAML block in the README is a fragment of a run config: it validates as one."""
+    import yaml
+
+    from stars.config import RunConfig
+
+    blocks = _blocks("yaml")
+    assert blocks, "the README shows at least one config fragment"
+    for block in blocks:
+        RunConfig.model_validate(yaml.safe_load(block))
