@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -17,7 +18,13 @@ from rich.panel import Panel
 from rich.pretty import Pretty
 
 from stars import __version__
-from stars.config import RunConfig, TeacherTrainConfig, load_config, load_teacher_config
+from stars.config import (
+    RunConfig,
+    TeacherTrainConfig,
+    load_any_config,
+    load_config,
+    load_teacher_config,
+)
 from stars.errors import StarsError
 from stars.runtime import tune_malloc
 
@@ -81,10 +88,18 @@ def config_schema(
 
 
 def _load_any(path: Path, overrides: list[str] | None, teacher: bool) -> Any:
-    return (load_teacher_config if teacher else load_config)(path, overrides or [])
+    if teacher:
+        return load_teacher_config(path, overrides or [])
+    return load_any_config(path, overrides or [])  # a teacher config is told by its sections
 
 
-TeacherFlag = Annotated[bool, typer.Option("--teacher", help="Validate as a train-teacher config.")]
+TeacherFlag = Annotated[
+    bool,
+    typer.Option(
+        "--teacher",
+        help="Validate as a train-teacher config (without it: recognised by its train section).",
+    ),
+]
 
 
 @config_app.command("validate")
@@ -224,6 +239,36 @@ def ablate(
     )
 
 
+class ExportFormat(StrEnum):
+    """Formats ``stars export`` writes."""
+
+    nir = "nir"
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A student.safetensors written by `stars distill`.")
+    ],
+    out: Annotated[Path, typer.Argument(help="The file to write.")],
+    format_: Annotated[
+        ExportFormat, typer.Option("--format", help="nir: the Neuromorphic IR (HDF5).")
+    ] = ExportFormat.nir,
+) -> None:
+    """Export a spiking student for neuromorphic hardware and simulators (NIR).
+
+    BatchNorm is folded into the convolutions; the graph's input is the image repeated over
+    the student's T steps. Max-pooling (use the *_avg student variants) and soft reset are
+    refused. Read it back with spikingjelly.activation_based.nir_exchange.import_from_nir.
+    """
+    from stars.models.nir_export import export_checkpoint, node_types
+
+    graph = export_checkpoint(checkpoint, out)
+    nodes = ", ".join(f"{kind}: {n}" for kind, n in node_types(graph).items())
+    console.print(f"wrote {format_.value.upper()} graph {out} ({nodes})", soft_wrap=True)
+
+
 @app.command("convert-checkpoint")
 @user_errors
 def convert_checkpoint(
@@ -232,29 +277,33 @@ def convert_checkpoint(
     arch: Annotated[str, typer.Option(help="Teacher architecture, e.g. resnet34.")],
     num_classes: Annotated[int, typer.Option(min=1, help="Number of classes.")],
     image_size: Annotated[int, typer.Option(min=8, help="Input size (32 CIFAR, 64 Tiny).")] = 32,
+    from_: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="Key layout of SRC: stars, or cmi (also fast-datafree, nayer, spaceshipnet: "
+            "the same teachers); with cmi, --arch is their model name (resnet34, wrn40_2, "
+            "vgg11...).",
+        ),
+    ] = "stars",
 ) -> None:
     """Convert a pickle checkpoint to safetensors for use as a teacher.
 
     Reads SRC with torch.load(weights_only=True): only tensors and plain containers are
-    rebuilt, anything else is refused without being run. Checks that the weights fit ARCH,
-    then writes DST and DST's .json metadata. stars itself never unpickles a file.
+    rebuilt, anything else is refused without being run. Maps the keys of --from's layout
+    to stars', checks that the weights fit ARCH exactly, then writes DST and DST's .json
+    metadata. stars itself never unpickles a file.
     """
-    from stars.models.io import convert_pickle_checkpoint
-    from stars.models.teachers import build_teacher_arch
+    from stars.models.convert import convert_checkpoint as convert
 
-    try:
-        model = build_teacher_arch(arch, num_classes=num_classes, image_size=image_size)
-    except ValueError as exc:
-        raise StarsError(str(exc)) from None
-    meta = {
-        "kind": "teacher",
-        "arch": arch,
-        "num_classes": num_classes,
-        "image_size": image_size,
-        "converted_from": str(src),
-    }
-    n = convert_pickle_checkpoint(src, dst, meta=meta, model=model)
-    console.print(f"wrote {n} tensors to {dst} (metadata in {dst.with_suffix('.json')})")
+    done = convert(
+        src, dst, arch=arch, num_classes=num_classes, image_size=image_size, layout=from_
+    )
+    console.print(
+        f"wrote {done.tensors} tensors to {dst} (metadata in {dst.with_suffix('.json')}); "
+        f"use it as teacher.arch: {done.arch}, teacher.checkpoint: {dst}",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m stars.cli`

@@ -64,6 +64,7 @@ __all__ = [
     "TrainConfig",
     "WeightSchedule",
     "apply_overrides",
+    "load_any_config",
     "load_config",
     "load_teacher_config",
     "parse_override",
@@ -113,6 +114,11 @@ TeacherArch = Literal[
     "vgg16",
     "wrn16_2",
     "wrn40_2",
+    "wrn16_1",
+    "wrn40_1",
+    "vgg8_cmi",
+    "vgg11_cmi",
+    "vgg13_cmi",
 ]
 StudentArch = Literal[
     "spiking_resnet18",
@@ -121,6 +127,9 @@ StudentArch = Literal[
     "spiking_vgg11",
     "spiking_vgg16",
     "spiking_tiny",
+    "spiking_vgg11_avg",
+    "spiking_vgg16_avg",
+    "spiking_tiny_avg",
 ]
 
 # ----------------------------------------------------------------------------- data
@@ -609,6 +618,9 @@ class _RunCommon(_Frozen):
     """Convolutions in channels-last memory format (faster on GPUs with tensor cores)."""
     compile: bool = False
     """Wrap teacher and student in ``torch.compile``; falls back with a warning if it fails."""
+    tensorboard: bool = False
+    """Also write ``metrics.jsonl``'s scalars (and, for ``distill``, the synthetic grid) as
+    TensorBoard events in ``RUN_DIR/tensorboard`` (:mod:`stars.tensorboard_log`)."""
 
 
 class RunConfig(_RunCommon):
@@ -770,6 +782,30 @@ def load_teacher_config(
 ) -> TeacherTrainConfig:
     """Load a teacher-training config; raises :class:`ConfigError` on any bad input."""
     return load_tree(TeacherTrainConfig, path, overrides)
+
+
+def load_any_config(
+    path: Path, overrides: list[str] | None = None
+) -> RunConfig | TeacherTrainConfig:
+    """Load a distillation or a teacher-training config, told apart by its sections.
+
+    A section only a teacher-training config has (``train``) makes it one; a section only a
+    distillation run has (``student``, ``synthesis``, ``stars``, ``distill``) or neither makes
+    it a run config. Both kinds at once is a :class:`ConfigError` naming them.
+    """
+    tree = apply_overrides(_read_yaml(path), list(overrides or []))
+    teacher_fields, run_fields = set(TeacherTrainConfig.model_fields), set(RunConfig.model_fields)
+    teacher_only = sorted(set(tree) & (teacher_fields - run_fields))
+    run_only = sorted(set(tree) & (run_fields - teacher_fields))
+    if teacher_only and run_only:
+        raise ConfigError(
+            f"{path}: has sections of a teacher-training config ({', '.join(teacher_only)}) and "
+            f"of a distillation run ({', '.join(run_only)}); a config is one or the other"
+        )
+    model: type[RunConfig] | type[TeacherTrainConfig] = (
+        TeacherTrainConfig if teacher_only else RunConfig
+    )
+    return _validate(model, tree, str(path))
 
 
 def dump_yaml(cfg: BaseModel) -> str:

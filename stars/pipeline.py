@@ -81,6 +81,7 @@ from stars.synthesis.factory import AnySynthesizer, build_synthesizer
 from stars.synthesis.priors import extract_bn_prior
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.spike_tar import SpikeTailTerm
+from stars.tensorboard_log import log_grid
 
 __all__ = [
     "Components",
@@ -610,12 +611,16 @@ def run_distill(
         return d.synthesis_steps_per_epoch
 
     if resume is None and main:
-        with MetricsLog(run / "metrics.jsonl") as metrics:
+        with MetricsLog(run / "metrics.jsonl", tensorboard=cfg.tensorboard) as metrics:
             metrics.write({"event": "calibration", "epoch": 0} | calibrate(comp))
     try:
         with (
             _signals_raise(),
-            MetricsLog(run / "metrics.jsonl" if main else None) as metrics,
+            MetricsLog(
+                run / "metrics.jsonl" if main else None,
+                tensorboard=cfg.tensorboard,
+                resume_after=None if resume is None else start_epoch,
+            ) as metrics,
             progress_bar(console if show_progress else Console(quiet=True)) as bar,
         ):
             total_s = sum(n_synth(e) for e in range(start_epoch, d.epochs))
@@ -711,7 +716,7 @@ def run_distill(
     rank_difference = max_rank_difference(comp.student, info) if info.enabled else 0.0
     if not main:
         return DistillResult(run, {})
-    with MetricsLog(run / "metrics.jsonl") as metrics:
+    with MetricsLog(run / "metrics.jsonl", tensorboard=cfg.tensorboard) as metrics:
         metrics.write({"event": "term_gradients", "epoch": d.epochs} | term_gradients(comp))
     geo = comp.geometry
     s_acc = None if last_eval is None else last_eval.student_top1
@@ -733,6 +738,8 @@ def run_distill(
         },
     )
     _bank_grid(comp, run / "synthetic_grid.png")
+    if cfg.tensorboard:
+        log_grid(run, d.epochs)
     summary: dict[str, Any] = {
         "run_dir": str(run),
         "epochs": d.epochs,

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from rich.progress import (
 from torch import Tensor, nn
 
 from stars.errors import StarsError
+
+if TYPE_CHECKING:
+    from stars.tensorboard_log import TensorBoardLog
 
 __all__ = [
     "CompiledModel",
@@ -94,21 +97,37 @@ class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write.
 
     ``path=None`` writes nothing (the ranks other than 0 of a data-parallel run).
+    ``tensorboard=True`` also writes every record's numbers to ``path.parent / "tensorboard"``
+    (:mod:`stars.tensorboard_log`); ``resume_after`` is the epoch a resumed run continues
+    after (TensorBoard then drops what the interrupted session logged later).
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self, path: Path | None, *, tensorboard: bool = False, resume_after: int | None = None
+    ) -> None:
         self.path = path
+        self._tb: TensorBoardLog | None = None
+        if path is not None and tensorboard:
+            from stars.tensorboard_log import TB_DIR, TensorBoardLog
+
+            fresh = not path.is_file() or path.stat().st_size == 0
+            self._tb = TensorBoardLog(path.parent / TB_DIR, fresh=fresh, resume_after=resume_after)
         self._fh: TextIO | None = path.open("a", encoding="utf-8") if path is not None else None
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps(dict(record), default=_jsonable) + "\n")
+        line = json.dumps(dict(record), default=_jsonable)
+        self._fh.write(line + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            self._tb.write(json.loads(line))  # exactly what the line holds
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -127,7 +127,10 @@ def train_teacher(
     acc: float | None = None
     if test_loader is None:
         console.print("[yellow]No test split configured: skipping evaluation.[/]")
-    with MetricsLog(run / "metrics.jsonl") as metrics, progress_bar(console) as bar:
+    with (
+        MetricsLog(run / "metrics.jsonl", tensorboard=cfg.tensorboard) as metrics,
+        progress_bar(console) as bar,
+    ):
         task = bar.add_task("train-teacher", total=cfg.train.epochs * len(loader), info="")
         for epoch in range(cfg.train.epochs):
             averaging = swa is not None and epoch >= swa.start_epoch

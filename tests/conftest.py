@@ -1,7 +1,25 @@
-"""Shared fixtures: a tiny materialized subset of the offline CIFAR-10 copy in ``shared/``."""
+"""Hypothesis profiles, and shared fixtures (a tiny materialized subset of the offline
+CIFAR-10 copy in ``shared/``).
+
+Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE`` (or pytest's
+``--hypothesis-profile``, which wins); without it ``ci`` when ``CI`` is set, else ``dev``:
+
+- ``ci``: derandomized (the examples are a function of the test alone, so a run is
+  reproducible), no example database, and a failure prints its example and a reproduction
+  blob. ``.ci/run`` selects it.
+- ``dev``: random examples, with the example database in ``.hypothesis/`` (a failure found
+  once is replayed first next time).
+- ``thorough``: random, at least 1,000 examples per property (``hypothesis_budget.examples``
+  raises each property's budget), failures printed with a blob and saved to the database.
+- ``mutation``: ``ci``'s examples without shrinking or explaining a failure, for mutmut.
+
+All of them: no deadline and no ``too_slow`` health check. Both are timings, which on a shared
+machine vary from run to run; a property passes or fails by its examples only.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,6 +27,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis_budget import THOROUGH_EXAMPLES
+
+PROFILE_ENV = "HYPOTHESIS_PROFILE"
+# The parent is Hypothesis' own default: with CI set, Hypothesis has already loaded its
+# built-in "ci" profile by now, whose derandomization must not leak into "dev" or "thorough".
+_UNTIMED = settings(
+    settings.get_profile("default"), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("ci", _UNTIMED, derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", _UNTIMED)
+settings.register_profile("thorough", _UNTIMED, max_examples=THOROUGH_EXAMPLES, print_blob=True)
+# For mutation testing (README, Tests): the ci profile's examples, without shrinking or
+# explaining a failure (which can take hundreds of runs of a mutant that already failed).
+settings.register_profile(
+    "mutation", settings.get_profile("ci"), phases=(Phase.explicit, Phase.reuse, Phase.generate)
+)
+_IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+settings.load_profile(os.environ.get(PROFILE_ENV) or ("ci" if _IN_CI else "dev"))
 
 # Test tensors are tiny: intra-op threads only add synchronization, and on a busy machine the
 # spinning OpenMP workers made the teacher sweep ~6x slower (51 s vs 8 s on 2 shared cores).

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from typer.testing import CliRunner
 
 from stars.cli import app
@@ -128,7 +129,7 @@ run_st = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(60)
 @given(tree=run_st)
 def test_valid_config_round_trips_through_yaml(tree: dict[str, object]) -> None:
     cfg = RunConfig.model_validate(tree)
@@ -296,7 +297,7 @@ def test_version() -> None:
     assert __version__ in result.output
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(
     kind=st.sampled_from(["constant", "step", "linear", "cosine"]),
     end=st.integers(1, 200),

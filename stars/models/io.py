@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +167,23 @@ def load_model_weights(
 
 
 def convert_pickle_checkpoint(
-    src: Path, dst: Path, *, meta: Mapping[str, Any], model: nn.Module | None = None
+    src: Path,
+    dst: Path,
+    *,
+    meta: Mapping[str, Any],
+    model: nn.Module | None = None,
+    rename: Callable[[dict[str, torch.Tensor], Mapping[str, Any]], dict[str, torch.Tensor]]
+    | None = None,
 ) -> int:
     """Convert a PyTorch pickle checkpoint to safetensors, loading it as safely as torch can.
 
     The file is read with ``torch.load(weights_only=True)``, which only rebuilds tensors and
     plain containers and refuses any other object (so a payload is rejected, not run). A
     state dict is taken from the top level or from a ``state_dict`` / ``model`` / ``net``
-    entry; a ``module.`` prefix (DataParallel) is stripped. When ``model`` is given the
-    weights must fit it. Returns the number of tensors written.
+    entry; a ``module.`` prefix (DataParallel) is stripped. ``rename(tensors, top_level)``,
+    when given, maps the keys of another repository's layout to the model's (``top_level``
+    is the file's top-level mapping, e.g. its ``arch`` entry; :mod:`stars.models.convert`).
+    When ``model`` is given the weights must fit it. Returns the number of tensors written.
     """
     if not src.is_file():
         raise CheckpointError(f"file not found: {src}")
@@ -203,6 +211,8 @@ def convert_pickle_checkpoint(
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{src}: entry {k!r} is a {type(v).__name__}, not a tensor")
         tensors[str(k).removeprefix("module.")] = v.detach().cpu().contiguous()
+    if rename is not None:
+        tensors = rename(tensors, obj if isinstance(obj, dict) else {})
     if model is not None:
         own = model.state_dict()
         bad = sorted(set(own) ^ set(tensors))[:5]

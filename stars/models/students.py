@@ -26,6 +26,9 @@ Architectures:
   global average pooling and a single ``Linear`` classifier (VGG-11 / VGG-16 layouts).
 - ``spiking_tiny``: conv 32 (encoder) - max-pool - 64 - max-pool - 128 - max-pool - 256, global
   average pooling, ``Linear`` (0.39M parameters); trains on a CPU.
+- ``spiking_vgg11_avg``, ``spiking_vgg16_avg``, ``spiking_tiny_avg``: the same with 2x2
+  average pools ("A") in place of the max-pools, so that they export to NIR
+  (:mod:`stars.models.nir_export`; NIR has no max-pool node).
 
 Image size: below 64 px the stem has stride 1 (CIFAR); from 64 px (Tiny-ImageNet) the stem
 convolution has stride 2, so the body sees CIFAR-sized maps. Global average pooling makes
@@ -61,8 +64,11 @@ __all__ = [
     "spiking_resnet19",
     "spiking_resnet20",
     "spiking_tiny",
+    "spiking_tiny_avg",
     "spiking_vgg11",
+    "spiking_vgg11_avg",
     "spiking_vgg16",
+    "spiking_vgg16_avg",
 ]
 
 VGGLayout = Sequence[int | Literal["M", "A"]]
@@ -73,6 +79,11 @@ _VGG16: VGGLayout = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
 _TINY: VGGLayout = (32, "M", 64, "M", 128, "M", 256)
+
+
+def _average_pooled(layout: VGGLayout) -> VGGLayout:
+    """The same layout with every max-pool replaced by a 2x2 average pool ("M" -> "A")."""
+    return tuple("A" if item == "M" else item for item in layout)
 
 
 def _check_common(num_classes: int, T: int, in_channels: int) -> None:
@@ -315,6 +326,36 @@ def spiking_tiny(
     return SpikingVGG(num_classes, T, neuron, image_size, in_channels, layout=_TINY)
 
 
+def spiking_vgg11_avg(
+    num_classes: int, T: int, neuron: NeuronConfig, image_size: int = 32, in_channels: int = 3
+) -> SpikingVGG:
+    """:func:`spiking_vgg11` with 2x2 average pools in place of the max-pools (exportable to
+    NIR: :mod:`stars.models.nir_export`)."""
+    return SpikingVGG(
+        num_classes, T, neuron, image_size, in_channels, layout=_average_pooled(_VGG11)
+    )
+
+
+def spiking_vgg16_avg(
+    num_classes: int, T: int, neuron: NeuronConfig, image_size: int = 32, in_channels: int = 3
+) -> SpikingVGG:
+    """:func:`spiking_vgg16` with 2x2 average pools in place of the max-pools (exportable to
+    NIR)."""
+    return SpikingVGG(
+        num_classes, T, neuron, image_size, in_channels, layout=_average_pooled(_VGG16)
+    )
+
+
+def spiking_tiny_avg(
+    num_classes: int, T: int, neuron: NeuronConfig, image_size: int = 32, in_channels: int = 3
+) -> SpikingVGG:
+    """:func:`spiking_tiny` with 2x2 average pools in place of the max-pools (exportable to
+    NIR)."""
+    return SpikingVGG(
+        num_classes, T, neuron, image_size, in_channels, layout=_average_pooled(_TINY)
+    )
+
+
 STUDENT_PRESETS: dict[str, Callable[..., nn.Module]] = {
     "spiking_resnet18": spiking_resnet18,
     "spiking_resnet19": spiking_resnet19,
@@ -322,6 +363,9 @@ STUDENT_PRESETS: dict[str, Callable[..., nn.Module]] = {
     "spiking_vgg11": spiking_vgg11,
     "spiking_vgg16": spiking_vgg16,
     "spiking_tiny": spiking_tiny,
+    "spiking_vgg11_avg": spiking_vgg11_avg,
+    "spiking_vgg16_avg": spiking_vgg16_avg,
+    "spiking_tiny_avg": spiking_tiny_avg,
 }
 """Every student architecture by its config name; each takes
 ``(num_classes, T, neuron, image_size=32, in_channels=3)``."""

@@ -10,7 +10,11 @@ Architectures:
   - ResNet-18/34: the same paper's ImageNet block layout with the CIFAR 3x3 stem and no
     max-pool (as in zju-vipa/CMI and Fast-Datafree teachers).
   - VGG-11/13/16 with BN (Simonyan & Zisserman 2015), CIFAR head (a single linear layer).
-  - WRN-16-2/40-2: Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016).
+  - WRN-16-1/16-2/40-1/40-2: Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016).
+  - VGG-8/11/13 with BN in the layout of the data-free KD repositories (CMI, Fast-Datafree,
+    NAYER, SpaceshipNet; ``vgg*_cmi``): five blocks, convolutions with biases, max-pools
+    after the first three blocks only (:class:`BlockVGG`), so their CIFAR checkpoints load
+    (``stars convert-checkpoint --from cmi``).
 
 For 64x64 inputs every architecture uses a stride-2 stem, so that the feature maps from the
 first stage on have the same sizes as for 32x32.
@@ -27,6 +31,7 @@ __all__ = [
     "TEACHER_PRESETS",
     "VGG",
     "ANNTeacher",
+    "BlockVGG",
     "CifarResNet",
     "ResNet",
     "WideResNet",
@@ -200,6 +205,57 @@ class VGG(ANNTeacher):
         return torch.flatten(self.pool(self.body(x)), 1)
 
 
+_BLOCK_VGG_CFGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg8": ((64,), (128,), (256,), (512,), (512,)),
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+}
+
+
+class BlockVGG(ANNTeacher):
+    """VGG with BN as the data-free KD repositories build it for CIFAR (CMI, Fast-Datafree,
+    NAYER and SpaceshipNet share these teachers).
+
+    Five blocks of 3x3 convolutions (with biases) + BN + ReLU; a 2x2 max-pool after each of
+    the first three blocks, after the fourth only for 64x64 inputs, none after the fifth;
+    global average pooling and one ``Linear``. Against :class:`VGG` it has conv biases and
+    one max-pool less at 32x32 (the last blocks run at 4x4, not 2x2). The stem keeps stride
+    1 at every size.
+
+    Args:
+        name: ``vgg8``, ``vgg11`` or ``vgg13``.
+        num_classes: classes ``K``.
+        image_size: input height = width.
+        in_channels: image channels.
+    """
+
+    def __init__(
+        self, name: str, num_classes: int = 10, image_size: int = 32, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        layers: list[nn.Module] = []
+        cin = in_channels
+        blocks = _BLOCK_VGG_CFGS[name]
+        for b, widths in enumerate(blocks):
+            for w in widths:
+                layers += [
+                    nn.Conv2d(cin, w, 3, padding=1, bias=True),
+                    nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True),
+                ]
+                cin = w
+            if b < 3 or (b == 3 and image_size == 64):
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.pool(self.body(x)), 1)
+
+
 class _WideBlock(nn.Module):
     """Pre-activation wide block: BN-ReLU-conv-BN-ReLU-conv + shortcut."""
 
@@ -280,6 +336,11 @@ TEACHER_PRESETS: dict[str, TeacherFactory] = {
     "vgg16": lambda k, s, c: VGG("vgg16", k, s, c),
     "wrn16_2": lambda k, s, c: WideResNet(16, 2, k, s, c),
     "wrn40_2": lambda k, s, c: WideResNet(40, 2, k, s, c),
+    "wrn16_1": lambda k, s, c: WideResNet(16, 1, k, s, c),
+    "wrn40_1": lambda k, s, c: WideResNet(40, 1, k, s, c),
+    "vgg8_cmi": lambda k, s, c: BlockVGG("vgg8", k, s, c),
+    "vgg11_cmi": lambda k, s, c: BlockVGG("vgg11", k, s, c),
+    "vgg13_cmi": lambda k, s, c: BlockVGG("vgg13", k, s, c),
 }
 """Teacher architectures by name: ``factory(num_classes, image_size, in_channels)``."""
 

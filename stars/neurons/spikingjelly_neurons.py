@@ -246,4 +246,5 @@ class MultiStepNeuron(nn.Module):
         )
         outputs, _ = self._sj.multi_step_functional_forward((x_seq,), (v_init,))
         spike_seq: Tensor = outputs[0]
-        return spike_seq
+        # spikingjelly's PyTorch path returns the float32 state's dtype for half inputs
+        return spike_seq.to(x_seq.dtype)

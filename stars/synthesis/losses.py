@@ -317,7 +317,8 @@ def relation_matrix(z: Tensor, *, delta: float) -> Tensor:
         raise ValueError(f"relation_matrix: delta must be > 0, got {delta}")
     z = _f32(z).flatten(1)
     n = z * torch.rsqrt(z.pow(2).sum(dim=1, keepdim=True) + delta)
-    return n @ n.T
+    with torch.autocast(z.device.type, enabled=False):  # else a bf16/fp16 matmul under autocast
+        return n @ n.T
 
 
 def rca_loss(z_t: Tensor, z_s: Tensor, *, delta: float) -> Tensor:

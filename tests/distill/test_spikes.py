@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from torch import Tensor, nn
 
 from stars.config import NeuronConfig
@@ -24,7 +25,7 @@ from stars.models.students import SpikingVGG, spiking_tiny
 from stars.models.teachers import CifarResNet
 from stars.neurons import MultiStepNeuron, build_neuron
 
-FAST = settings(max_examples=8, deadline=None)
+FAST = examples(8)
 CPU = torch.device("cpu")
 T, N, K, SIZE = 2, 4, 10, 16
 seeds = st.integers(0, 2**16)

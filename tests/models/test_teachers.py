@@ -7,8 +7,9 @@ from typing import get_args
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from torch import Tensor, nn
 
 from stars.config import TeacherArch
@@ -148,7 +149,7 @@ def test_num_classes_and_in_channels_reach_the_head() -> None:
 _EVAL_MODEL = _teacher("resnet20").eval()
 
 
-@settings(max_examples=10, deadline=None)
+@examples(10)
 @given(perm_seed=st.integers(0, 2**16), n=st.integers(2, 4))
 def test_eval_mode_is_batch_permutation_equivariant(perm_seed: int, n: int) -> None:
     """In eval mode the images of a batch do not interact (BN uses running statistics)."""

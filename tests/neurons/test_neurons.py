@@ -7,15 +7,17 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hypothesis import given, settings
+from error_model import U32
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate as sj_surrogate
 
+from neurons.parity import Neuron, clean_steps, trajectory
 from stars.config import NeuronConfig
 from stars.neurons import (
     MultiStepNeuron,
-    ReferenceNeuron,
     SpikingNeuron,
     TorchPathSurrogate,
     atan_spike,
@@ -26,7 +28,19 @@ from stars.neurons import (
     surrogate_primitive,
 )
 
-FAST = settings(max_examples=25, deadline=None)
+FAST = examples(25)
+
+
+def _constants(cfg: NeuronConfig, neuron: MultiStepNeuron) -> Neuron:
+    return Neuron(
+        neuron.tau,
+        cfg.decay_input,
+        cfg.v_threshold,
+        cfg.v_reset,
+        cfg.detach_reset,
+        cfg.surrogate,
+        cfg.surrogate_alpha,
+    )
 
 
 Kind = Literal["lif", "if", "plif"]
@@ -76,34 +90,7 @@ def test_spikes_binary_and_shape_preserved(
     assert bool(((spikes == 0) | (spikes == 1)).all())
 
 
-@pytest.mark.parametrize("kind", ["lif", "if"])
-@pytest.mark.parametrize("hard_reset", [True, False])
-@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
-@settings(max_examples=8, deadline=None)
-@given(data=st.data(), shape=shapes, seed=st.integers(0, 2**16), scale=st.floats(0.1, 4.0))
-def test_agrees_with_reference_on_spikes_and_input_gradients(
-    kind: Kind,
-    hard_reset: bool,
-    surrogate: Surrogate,
-    data: st.DataObject,
-    shape: tuple[int, ...],
-    seed: int,
-    scale: float,
-) -> None:
-    cfg = data.draw(neuron_configs((kind,), hard_reset, (surrogate,)))
-    x_seq = _inputs(seed, shape, scale)
-    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
-
-    spikes = build_neuron(cfg)(x_seq)
-    (grad,) = torch.autograd.grad((spikes * upstream).sum(), x_seq)
-    ref_spikes = ReferenceNeuron.from_config(cfg)(x_seq)
-    (ref_grad,) = torch.autograd.grad((ref_spikes * upstream).sum(), x_seq)
-
-    assert torch.equal(spikes, ref_spikes)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
-
-
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(
     fraction=st.floats(0.01, 1.0),
     v_threshold=st.floats(0.25, 2.0),
@@ -120,7 +107,12 @@ def test_if_constant_current_rate(
     current = fraction * v_threshold
     spikes = neuron(torch.full((steps, 2, 3), current))
     rate = spikes.mean(dim=0)
-    assert bool(((rate - fraction).abs() <= 1.0 / steps + 1e-6).all())
+    # Exactly, the count is floor(T c / v_th), within 1 / T of the rate c / v_th. float32: the
+    # charge after t steps is off by <= 6 t u (c + v_th) (tests/neurons/parity.py), which can
+    # move a crossing only when T c / v_th is that close to an integer: one spike fewer, off
+    # by 1 / T plus that much; the rate's own rounding is u.
+    slack = 6 * steps * U32 * (fraction + 1) + U32
+    assert bool(((rate - fraction).abs() <= 1.0 / steps + slack).all())
 
 
 @FAST
@@ -170,8 +162,11 @@ def test_surrogates_are_derivatives_of_their_primitives(
     (ours,) = torch.autograd.grad(spikes.sum(), x)
     (primitive,) = torch.autograd.grad(surrogate_primitive(x, surrogate, alpha).sum(), x)
     (theirs,) = torch.autograd.grad(build_surrogate(surrogate, alpha)(x).sum(), x)
-    torch.testing.assert_close(ours, primitive, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # Each form rounds g'(x) a few times: <= 8 u relative, and Sigmoid's alpha s (1 - s) also
+    # 2 alpha u absolute (1 - s cancels); two forms are within twice that of each other.
+    rtol, atol = 16 * U32, 4 * alpha * U32 if surrogate == "sigmoid" else 0.0
+    torch.testing.assert_close(ours, primitive, rtol=rtol, atol=atol)
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -184,20 +179,30 @@ def test_half_precision_inputs_keep_a_float32_membrane(dtype: torch.dtype, kind:
     spikes.sum().backward()
     assert x_seq.grad is not None
     assert x_seq.grad.dtype == dtype
-    ref = ReferenceNeuron.from_config(cfg)(x_seq.detach().float())
-    assert (spikes.float() != ref).float().mean().item() < 0.01
+    # The float32 membrane of the bf16 values: the float64 trajectory's spikes, up to each
+    # element's first step within float32 rounding of the threshold (tests/neurons/parity.py).
+    x = x_seq.detach().float()
+    p = _constants(cfg, build_neuron(cfg))
+    truth = trajectory(x, p)
+    clean = clean_steps(x, truth, p, U32)
+    assert torch.equal(spikes.double()[clean], truth.s[clean])
+    assert clean.float().mean() > 0.99  # the comparison covers nearly every step
 
 
 def test_plif_builds_runs_and_learns_tau() -> None:
     cfg = NeuronConfig(kind="plif", tau=3.0, v_reset=None)
     neuron = build_neuron(cfg)
     assert isinstance(neuron.node, sj_neuron.ParametricLIFNode)
-    assert neuron.tau == pytest.approx(3.0)
+    assert neuron.tau == pytest.approx(3.0, rel=4 * U32)  # 1 / sigmoid(w), w in float32
     x_seq = _inputs(0, (6, 4, 16), 2.0)
     spikes = neuron(x_seq)
-    # At its initial tau PLIF is the reference LIF (1/tau = sigmoid(w), up to rounding).
-    ref = ReferenceNeuron.from_config(cfg)(x_seq)
-    assert (spikes != ref).float().mean().item() < 0.01
+    # At its initial tau PLIF is the reference LIF (1 / tau = sigmoid(w)): the float64
+    # trajectory's spikes, up to each element's first near-threshold step.
+    p = _constants(cfg, neuron)
+    truth = trajectory(x_seq, p)
+    clean = clean_steps(x_seq, truth, p, U32)
+    assert torch.equal(spikes.double()[clean], truth.s[clean])
+    assert clean.float().mean() > 0.99
     spikes.sum().backward()
     weights = list(neuron.parameters())
     assert len(weights) == 1
@@ -206,7 +211,7 @@ def test_plif_builds_runs_and_learns_tau() -> None:
     assert x_seq.grad is not None
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(cfg=neuron_configs(), backend=st.sampled_from(["auto", "torch", "cupy", "triton"]))
 def test_build_neuron_honours_every_field(
     cfg: NeuronConfig, backend: Literal["auto", "torch", "cupy", "triton"]
@@ -230,7 +235,7 @@ def test_build_neuron_honours_every_field(
     if cfg.kind == "if":
         assert neuron.tau is None
     else:
-        assert neuron.tau == pytest.approx(cfg.tau)
+        assert neuron.tau == pytest.approx(cfg.tau, rel=4 * U32)  # PLIF: w in float32
         assert node.decay_input == cfg.decay_input
     surrogate = node.surrogate_function
     if cfg.backend == "torch":
