@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_run import records, tiny_run_config
@@ -93,7 +94,7 @@ _value = st.recursive(
 _record = st.dictionaries(st.text("xyz/_", min_size=1, max_size=4), _value, max_size=5)
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(rows=st.lists(_record, min_size=1, max_size=4), event=st.sampled_from(["epoch", "eval"]))
 def test_events_hold_what_metrics_jsonl_holds(
     tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, Any]], event: str

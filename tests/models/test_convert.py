@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
@@ -233,7 +234,7 @@ def test_wrong_arch_names_the_missing_keys() -> None:
         map_cmi_state(THEIRS["resnet18"](10), arch="resnet34", model=model)
 
 
-@settings(max_examples=20, deadline=None)
+@examples(20)
 @given(arch=st.sampled_from(sorted(CMI_ARCHS)), data=st.data())
 def test_any_dropped_or_reshaped_tensor_is_named(arch: str, data: st.DataObject) -> None:
     """Property: remove one tensor, or change one's shape, and the error names that key."""
