@@ -34,6 +34,7 @@ from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
 from stars.neurons.spikingjelly_neurons import MultiStepNeuron
@@ -43,6 +44,7 @@ __all__ = [
     "MembraneTap",
     "membrane_potential",
     "soft_firing",
+    "soft_firing_map",
 ]
 
 
@@ -125,6 +127,105 @@ def soft_firing(h_seq: Tensor, v_threshold: float, tau: float) -> Tensor:
     return torch.sigmoid((h_seq - v_threshold) / tau)
 
 
+def _charge_(v: Tensor, x: Tensor, params: MembraneParams, out: Tensor) -> Tensor:
+    """``H`` from the previous potential ``v`` and the input ``x`` into ``out`` (the same
+    operations as :func:`membrane_potential`)."""
+    if params.tau is None:
+        return torch.add(v, x, out=out)
+    k = 1.0 / params.tau
+    torch.add(v * (1.0 - k), x, alpha=k if params.decay_input else 1.0, out=out)
+    v_rest = 0.0 if params.v_reset is None else params.v_reset
+    if v_rest:
+        out.add_(v_rest * k)
+    return out
+
+
+def _reset(h: Tensor, fired: Tensor, params: MembraneParams) -> Tensor:
+    if params.v_reset is None:
+        return h - fired * params.v_threshold
+    return fired * params.v_reset + (1.0 - fired) * h
+
+
+class _SoftFiringMap(torch.autograd.Function):
+    """``mean_{t, c} sigmoid((H - V_th) / tau)`` with ``H`` replayed from ``(X, S)``; a lean
+    backward that recomputes ``H`` and runs the (linear, spikes fixed) recurrence backwards
+    in one pass, instead of autograd's graph through every step."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x_seq: Tensor, spike_seq: Tensor, params: MembraneParams, tau: float
+    ) -> Tensor:
+        cdt = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+        fired = spike_seq.detach().to(cdt)
+        v = torch.full_like(x_seq[0], 0.0 if params.v_reset is None else params.v_reset, dtype=cdt)
+        h = torch.empty_like(v)
+        acc = torch.zeros((x_seq.shape[1], *x_seq.shape[3:]), dtype=cdt, device=x_seq.device)
+        for t in range(x_seq.shape[0]):
+            _charge_(v, x_seq[t].to(cdt), params, h)
+            acc.add_(torch.sigmoid((h - params.v_threshold) / tau).sum(dim=1))
+            v = _reset(h, fired[t], params)
+        ctx.save_for_backward(x_seq, spike_seq)
+        ctx.params, ctx.tau = params, tau
+        return acc / (x_seq.shape[0] * x_seq.shape[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_map: Tensor) -> tuple[Tensor | None, None, None, None]:
+        x_seq, spike_seq = ctx.saved_tensors
+        params: MembraneParams = ctx.params
+        tau: float = ctx.tau
+        steps, cdt = x_seq.shape[0], grad_map.dtype
+        fired = spike_seq.detach().to(cdt)
+        buf = torch.empty(x_seq.shape, dtype=cdt, device=x_seq.device)
+        v = torch.full_like(buf[0], 0.0 if params.v_reset is None else params.v_reset)
+        for t in range(steps):
+            _charge_(v, x_seq[t].to(cdt), params, buf[t])
+            v = _reset(buf[t], fired[t], params)
+        # d map / d H[t] = g / (T C) * s (1 - s) / tau, broadcast over channels
+        g = (grad_map / (steps * x_seq.shape[2] * tau)).unsqueeze(1)
+        k = None if params.tau is None else 1.0 / params.tau
+        carry: Tensor | None = None
+        for t in range(steps - 1, -1, -1):
+            s = torch.sigmoid((buf[t] - params.v_threshold) / tau)
+            dh = s.mul_(1.0 - s).mul_(g)
+            if carry is not None:
+                # H[t+1] = (1 - k) V[t] + ...; V[t] = H[t] (soft: minus a constant) or
+                # (1 - S[t]) H[t] + S[t] V_r (hard)
+                dh.add_(carry if params.v_reset is None else carry * (1.0 - fired[t]))
+            carry = dh if k is None else dh * (1.0 - k)
+            buf[t] = dh if (k is None or not params.decay_input) else dh * k
+        return buf.to(x_seq.dtype), None, None, None
+
+
+def soft_firing_map(
+    x_seq: Tensor, spike_seq: Tensor, params: MembraneParams, *, tau: float
+) -> Tensor:
+    """``mean_{t, c} sigmoid((H - V_th) / tau)`` of a layer, ``[T, N, C, *] -> [N, *]``.
+
+    The same value as ``soft_firing(membrane_potential(x_seq, spike_seq, params), V_th,
+    tau).mean((0, 2))`` and the same gradient with respect to ``x_seq`` (spikes fixed), at a
+    fraction of the memory and time: only ``x_seq`` and the spikes are kept for backward.
+
+    Args:
+        x_seq: the neuron's input currents ``[T, N, C, *]``.
+        spike_seq: its spikes ``[T, N, C, *]``.
+        params: its constants.
+        tau: temperature in the potential's units, ``> 0``.
+
+    Returns:
+        ``[N, *]`` float32 (float64 for float64 input) in ``[0, 1]``.
+    """
+    if x_seq.shape != spike_seq.shape or x_seq.ndim < 3:
+        raise ValueError(
+            "soft_firing_map: expected x_seq and spike_seq of the same shape [T, N, C, *]; got "
+            f"{tuple(x_seq.shape)} and {tuple(spike_seq.shape)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"soft_firing_map: tau must be > 0, got {tau}")
+    out: Tensor = _SoftFiringMap.apply(x_seq, spike_seq, params, float(tau))
+    return out
+
+
 class MembraneTap(Mapping[nn.Module, Tensor]):
     """Forward hooks on spiking neurons that keep each one's input currents and spikes.
 
@@ -190,6 +291,12 @@ class MembraneTap(Mapping[nn.Module, Tensor]):
                 f"{type(neuron).__name__} has not been captured: it is not hooked by this tap, "
                 "did not run, or the block has exited"
             ) from None
+
+    def firing_map(self, neuron: nn.Module, tau: float) -> Tensor:
+        """:func:`soft_firing_map` of ``neuron``'s last call: ``[N, *]``, differentiable."""
+        x_seq, spikes = self._lookup(neuron)
+        assert isinstance(neuron, MultiStepNeuron)
+        return soft_firing_map(x_seq, spikes, MembraneParams.of(neuron), tau=tau)
 
     def __getitem__(self, neuron: nn.Module) -> Tensor:
         if neuron not in self._h:

@@ -15,7 +15,13 @@ from hypothesis_budget import examples
 from neurons.parity import Neuron, charge_error, clean_steps, trajectory
 from stars.config import NeuronConfig
 from stars.neurons import build_neuron
-from stars.neurons.membrane import MembraneParams, MembraneTap, membrane_potential, soft_firing
+from stars.neurons.membrane import (
+    MembraneParams,
+    MembraneTap,
+    membrane_potential,
+    soft_firing,
+    soft_firing_map,
+)
 
 
 @st.composite
@@ -154,3 +160,46 @@ def test_soft_firing_bounds_and_limit(seed: int, v_threshold: float, tau: float)
     with pytest.raises(ValueError, match="tau"):
         soft_firing(h, v_threshold, 0.0)
     assert math.isfinite(float(soft_firing(torch.tensor([1e30, -1e30]), v_threshold, tau).sum()))
+
+
+@examples(40)
+@given(
+    cfg=neuron_configs(),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.1, 3.0),
+    tau=st.floats(0.02, 1.0),
+)
+def test_fused_firing_map_is_the_autograd_one(
+    cfg: NeuronConfig, steps: int, seed: int, scale: float, tau: float
+) -> None:
+    """``soft_firing_map`` (the lean autograd function) against the plain composition
+    ``soft_firing(membrane_potential(...)).mean((0, 2))``, value and gradient, in float64.
+
+    Error model: both compute the same recurrence of ``<= 2T`` operations on values of size
+    ``<= M = |x|_max + |V_r| + V_th`` per step and the same sigmoid, in a different order; each
+    is within ``T * 8 u M / tau`` of the exact map (the sigmoid's slope is ``<= 1 / (4 tau)``)
+    and of the exact gradient scaled by ``|g|_max / tau^2`` (the sigmoid's second derivative is
+    ``<= 0.1 / tau^2``), so they agree within twice that (float64, ``u = 2^-53``).
+    """
+    neuron = build_neuron(cfg.model_copy(update={"backend": "torch"}))
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(steps, 3, 4, 2, 2, generator=gen, dtype=torch.float64) * scale).requires_grad_(
+        True
+    )
+    with torch.no_grad():
+        spikes = neuron(x.float()).double()
+    params = MembraneParams.of(neuron)
+    m = float(x.abs().max()) + abs(params.v_reset or 0.0) + params.v_threshold
+    g = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64)
+    ref = soft_firing(membrane_potential(x, spikes, params), params.v_threshold, tau).mean((0, 2))
+    new = soft_firing_map(x, spikes, params, tau=tau)
+    tol = 2 * steps * 8 * U64 * m / tau
+    assert new.shape == (3, 2, 2)
+    assert ((new - ref).abs() <= tol).all()
+    (g_ref,) = torch.autograd.grad((ref * g).sum(), x)
+    (g_new,) = torch.autograd.grad((new * g).sum(), x)
+    gtol = tol * float(g.abs().max()) / tau + 1e-15
+    assert ((g_new - g_ref).abs() <= gtol + 1e-12 * float(g_ref.abs().max())).all()
+    with pytest.raises(ValueError, match="tau"):
+        soft_firing_map(x, spikes, params, tau=0.0)
