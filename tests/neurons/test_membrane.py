@@ -190,7 +190,7 @@ def test_fused_firing_map_is_the_autograd_one(
     with torch.no_grad():
         spikes = neuron(x.float()).double()
     params = MembraneParams.of(neuron)
-    m = float(x.abs().max()) + abs(params.v_reset or 0.0) + params.v_threshold
+    m = float(x.detach().abs().max()) + abs(params.v_reset or 0.0) + params.v_threshold
     g = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64)
     ref = soft_firing(membrane_potential(x, spikes, params), params.v_threshold, tau).mean((0, 2))
     new = soft_firing_map(x, spikes, params, tau=tau)
