@@ -43,6 +43,8 @@ from stars.synthesis.losses import (
     total_variation,
 )
 from stars.synthesis.priors import (
+    BNLayerPrior,
+    BNPrior,
     FeatureTap,
     TailLayerPrior,
     TailPrior,
@@ -407,9 +409,11 @@ def test_soft_exceedance_is_a_monotone_probability(seed: int, k: int, c: int, ta
     tol = 2 * (4 * 3 * 3 + 2) * U32
     shifted = soft_exceedance(h + torch.rand(h.shape, generator=g), theta, taus)
     assert (shifted >= e - tol).all()
-    # [N, C] activations work the same.
+    # [N, C] activations work the same, and so do channels-last ones (not contiguous).
     flat = h.permute(0, 2, 3, 1).reshape(-1, c)
     torch.testing.assert_close(soft_exceedance(flat, theta, taus), e, atol=tol, rtol=0)
+    last = h.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(soft_exceedance(last, theta, taus), e, atol=tol, rtol=0)
 
 
 @FAST
@@ -677,3 +681,105 @@ def test_losses_reject_bad_inputs_with_their_message() -> None:
     two = TailPrior((layer, layer), source="test", levels=(1.0, 2.0))
     with pytest.raises(ValueError, match=exact("tar_loss: 1 feature maps for 2 layers")):
         tar_loss([h], two)
+
+
+def test_momentum_stats_contract() -> None:
+    def exact(message: str) -> str:
+        return "^" + re.escape(message) + "$"
+
+    g = _gen(11)
+    stats = [(torch.randn(3, generator=g), torch.rand(3, generator=g)) for _ in range(2)]
+    prev = [(m + 1.0, v * 2.0) for m, v in stats]
+    for momentum in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=exact(f"momentum must be in [0, 1), got {momentum}")):
+            momentum_stats(stats, prev, momentum=momentum)
+    # Without a previous estimate, or at momentum 0, the current statistics themselves.
+    for previous, momentum in ((None, 0.5), (None, 0.0), (prev, 0.0)):
+        out = momentum_stats(stats, previous, momentum=momentum)
+        for (m, v), (m0, v0) in zip(out, stats, strict=True):
+            assert m is m0 and v is v0
+    with pytest.raises(ValueError, match=exact("2 current vs 1 previous layer statistics")):
+        momentum_stats(stats, prev[:1], momentum=0.5)
+    # bn_matching matches the blend with the previous estimate (the same computation).
+    bn = nn.BatchNorm2d(3)
+    prior = extract_bn_prior([bn, bn])
+    assert torch.equal(
+        bn_matching(stats, prior, previous=prev, momentum=0.25),
+        bn_matching(momentum_stats(stats, prev, momentum=0.25), prior),
+    )
+
+
+def test_prior_tensors_follow_the_activations_device_and_dtype() -> None:
+    """The prior's tensors are moved to the activations' device and dtype: float64 activations
+    use the float64 values of the float32 prior (an exact conversion, so the results are
+    bitwise those of a float64 prior), float32 activations give float32 results from a
+    float64 prior, and activations on another device (``meta`` here) get the prior there."""
+    g = _gen(12)
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean, bn.running_var = torch.randn(2, generator=g), torch.rand(2, generator=g) + 1
+    prior = extract_bn_prior([bn])
+    prior64 = BNPrior(
+        tuple(
+            BNLayerPrior(layer.running_mean.double(), layer.running_var.double(), layer.eps)
+            for layer in prior.layers
+        )
+    )
+    h = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(bn_matching([h], prior), bn_matching([h], prior64))
+    theta, tau = torch.randn(2, 2, generator=g) / 3, torch.rand(2, generator=g) / 3 + 0.1
+    e = soft_exceedance(h, theta, tau)
+    assert e.dtype == torch.float64
+    assert torch.equal(e, soft_exceedance(h, theta.double(), tau.double()))
+    meta = h.to("meta")
+    assert bn_matching([meta], prior).device.type == "meta"
+    assert soft_exceedance(meta, theta, tau).device.type == "meta"
+    tail = TailPrior((TailLayerPrior(theta, tau, torch.full((2, 2), 0.3)),), "test", (1.0, 2.0))
+    assert tar_loss([meta], tail).device.type == "meta"
+    # ... and float32 activations get float32 results from a float64 prior.
+    h32 = h.float()
+    tail64 = TailPrior(
+        (TailLayerPrior(theta.double(), tau.double(), torch.full((2, 2), 0.3).double()),),
+        "test",
+        (1.0, 2.0),
+    )
+    assert bn_matching([h32], prior64).dtype == torch.float32
+    assert soft_exceedance(h32, theta.double(), tau.double()).dtype == torch.float32
+    assert tar_loss([h32], tail64).dtype == torch.float32
+
+
+@FAST
+@given(
+    seed=seeds, k=st.integers(1, 3), c=st.integers(1, 3), which=st.sampled_from(["theta", "tau"])
+)
+def test_soft_exceedance_learnable_thresholds(seed: int, k: int, c: int, which: str) -> None:
+    """With thresholds or temperatures that require grad, the general autograd path: the
+    values of the lean path, and the gradients of mean(sigmoid((h - theta) / tau)) for h,
+    theta and tau, in float64.
+
+    Error model (float64): the two forms of the argument, x / tau - theta / tau and
+    (x - theta) / tau, differ by 3 u (|x| + |theta|) / tau; through the sigmoid (slope <= 1/4,
+    its derivatives <= 1/4 too) that moves each term by <= (|x| + |theta|) u / tau, over tau
+    (<= 1/tau^2 for tau's gradient) and summed over M terms with weights 1 / M; rounding of
+    the sums: M u."""
+    g = _gen(seed)
+    h = (torch.randn(5, c, 2, 2, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    theta = torch.randn(k, c, generator=g, dtype=torch.float64)
+    tau = torch.rand(c, generator=g, dtype=torch.float64) + 0.2
+    lean = soft_exceedance(h, theta, tau)
+    learn = (theta if which == "theta" else tau).requires_grad_(True)
+    general = soft_exceedance(h, theta, tau)
+    upstream = torch.randn(k, c, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((general * upstream).sum(), (h, learn))
+    view = (1, c, 1, 1)
+    sig = [torch.sigmoid((h - theta[j].view(view)) / tau.view(view)) for j in range(k)]
+    ref_e = torch.stack([q.mean((0, 2, 3)) for q in sig])
+    ref = torch.autograd.grad((ref_e * upstream).sum(), (h, learn))
+    m = 5 * 2 * 2
+    arg = float(h.detach().abs().max()) + float(theta.detach().abs().max())
+    t_min = float(tau.detach().min())
+    d = U64 * (arg / t_min + m)
+    torch.testing.assert_close(general, lean, atol=d, rtol=0)
+    mag = float(upstream.abs().max()) * k
+    tol = mag * d * (1 + arg / t_min) / t_min**2
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)

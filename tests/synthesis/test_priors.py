@@ -405,3 +405,127 @@ def test_student_vth_clips_to_the_documented_threshold() -> None:
     s = torch.sqrt(torch.tensor([2.0, 0.5], dtype=torch.float64) + bn.eps)
     theta = torch.tensor([0.5, -1.0], dtype=torch.float64) + s * z_max
     torch.testing.assert_close(tail.layers[0].theta[0].double(), theta, rtol=U32 + 64 * U64, atol=0)
+
+
+@pytest.mark.parametrize("source", ["gaussian-bn", "laplace-bn", "quantile", "student-vth"])
+def test_tail_prior_is_float32_on_the_bn_priors_device(source: str) -> None:
+    """As documented: float32 tensors on the prior's device (``meta`` here: a device other
+    than the CPU that needs no hardware)."""
+    prior = extract_bn_prior([nn.BatchNorm2d(3)]).to("meta")
+    tail = extract_tail_prior(prior, TARConfig(source=source), student_vth=1.0)  # type: ignore[arg-type]
+    for t in (tail.layers[0].theta, tail.layers[0].tau, tail.layers[0].p):
+        assert t.device.type == "meta"
+        assert t.dtype == torch.float32
+
+
+def test_prior_copies_move_every_tensor_and_keep_the_rest() -> None:
+    bn = nn.BatchNorm2d(2, eps=1e-3)
+    _randomize_bn(bn, _gen(7))
+    prior = extract_bn_prior([bn])
+    layer = prior.layers[0]
+    assert layer.eps == 1e-3
+    assert layer.num_channels == 2
+    assert torch.equal(layer.std, torch.sqrt(layer.running_var + 1e-3))
+    assert (
+        prior.running_means[0] is layer.running_mean and prior.running_vars[0] is layer.running_var
+    )
+    meta = prior.to("meta")
+    assert len(meta) == 1
+    moved = meta.layers[0]
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        t = getattr(moved, name)
+        assert t.device.type == "meta" and t.shape == (2,)
+    assert moved.eps == 1e-3
+    bare = extract_bn_prior([nn.BatchNorm2d(2, affine=False)]).to("meta").layers[0]
+    assert bare.weight is None and bare.bias is None
+    tail = extract_tail_prior(prior, TARConfig(kappas=(1.0, 2.0)))
+    tail_meta = tail.to("meta")
+    assert (tail_meta.source, tail_meta.levels, len(tail_meta)) == (tail.source, tail.levels, 1)
+    for name in ("theta", "tau", "p"):
+        t, ref = getattr(tail_meta.layers[0], name), getattr(tail.layers[0], name)
+        assert t.device.type == "meta" and t.shape == ref.shape
+
+
+class _Stats(nn.Module):
+    """Running statistics without an ``eps`` (extract_bn_prior then assumes BatchNorm's 1e-5)."""
+
+    def __init__(self, var: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(2))
+        if var:
+            self.register_buffer("running_var", torch.ones(2))
+
+
+def test_bn_prior_and_tap_errors_say_what_is_wrong() -> None:
+    assert extract_bn_prior([_Stats()]).layers[0].eps == 1e-5
+    with pytest.raises(ValueError, match=_exact("extract_bn_prior: no BatchNorm layer found")):
+        extract_bn_prior(nn.Linear(2, 2))
+    message = "extract_bn_prior: layer 0 (_Stats) has no running statistics"
+    with pytest.raises(ValueError, match=_exact(message)):
+        extract_bn_prior([_Stats(var=False)])
+    with pytest.raises(
+        ValueError, match=_exact("batch_stats expects [N, C, *] activations, got shape (3,)")
+    ):
+        batch_stats(torch.ones(3))
+    with pytest.raises(ValueError, match=_exact("capture must be 'input' or 'output', got 'both'")):
+        FeatureTap([nn.BatchNorm2d(1)], capture="both")  # type: ignore[arg-type]
+    bn = nn.BatchNorm2d(2)
+    with pytest.raises(ValueError, match=_exact("FeatureTap got the same module twice")):
+        FeatureTap([bn, bn])
+    tap = FeatureTap([bn])
+    message = "this tap is already active; a tap cannot be entered twice"
+    with tap, pytest.raises(RuntimeError, match=_exact(message)), tap:
+        pass
+    other = nn.BatchNorm2d(2)
+    x = torch.randn(2, 2, 1, 1, requires_grad=True)
+    with FeatureTap([bn]) as keep, FeatureTap([bn], detach=True) as drop:
+        bn(x)
+        assert bn in keep and other not in keep
+        assert keep[bn].requires_grad and not drop[bn].requires_grad
+        message = (
+            "BatchNorm2d has not been captured: it is not hooked by this tap, "
+            "did not run in the forward pass, or the block has exited"
+        )
+        with pytest.raises(KeyError, match=re.escape(message)):
+            keep[other]
+    # capture="input" needs a positional input
+    message = "FeatureTap(capture='input') needs a module called with a positional input"
+    with FeatureTap([bn]), pytest.raises(TypeError, match=_exact(message)):
+        bn(input=x)
+
+
+class _Pair(nn.Module):
+    """Two BN layers of which ``bn_layers()`` names only the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.BatchNorm2d(2), nn.BatchNorm2d(3)
+
+    def bn_layers(self) -> list[nn.Module]:
+        return [self.second]
+
+
+class _Odd(nn.Module):
+    """A running variance that is not a tensor: no statistics."""
+
+    running_var = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(2))
+
+
+class _Twice(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
+
+
+def test_bn_layers_accessor_and_non_tensor_attributes() -> None:
+    prior = extract_bn_prior(_Pair())
+    assert [layer.num_channels for layer in prior.layers] == [3]  # the accessor, not a scan
+    with pytest.raises(ValueError, match="has no running statistics"):
+        extract_bn_prior([_Odd()])
+    twice = _Twice()
+    message = "FeatureTap captures tensors; the hooked module's output is tuple"
+    with FeatureTap([twice], capture="output"), pytest.raises(TypeError, match=_exact(message)):
+        twice(torch.ones(1))
