@@ -18,6 +18,7 @@ from neurons.parity import Neuron, clean_steps, trajectory
 from stars.config import NeuronConfig
 from stars.neurons import (
     MultiStepNeuron,
+    ReferenceNeuron,
     SpikingNeuron,
     TorchPathSurrogate,
     atan_spike,
@@ -290,3 +291,47 @@ def test_explicit_cuda_backend_warns_once_when_spikingjelly_picks_another(
         build_neuron(NeuronConfig(kind="if", backend="cupy"))._check_backend(device)  # matches
         build_neuron(NeuronConfig(backend="auto"))._check_backend(device)  # never checked
     assert calls == ["lif", "if"]
+
+
+@FAST
+@given(cfg=neuron_configs())
+def test_reference_twin_of_a_config(cfg: NeuronConfig) -> None:
+    """``ReferenceNeuron.from_config`` carries every field over; PLIF maps to LIF at its
+    initial tau."""
+    ref = ReferenceNeuron.from_config(cfg)
+    assert ref.kind == ("if" if cfg.kind == "if" else "lif")
+    assert (ref.tau, ref.v_threshold, ref.v_reset) == (cfg.tau, cfg.v_threshold, cfg.v_reset)
+    assert (ref.decay_input, ref.detach_reset) == (cfg.decay_input, cfg.detach_reset)
+    assert (ref.surrogate, ref.alpha) == (cfg.surrogate, cfg.surrogate_alpha)
+
+
+def test_reference_defaults_and_primitive_values() -> None:
+    """The documented defaults (LIF, tau 2, threshold 1, hard reset to 0, decay_input, ATan
+    with alpha 2; Sigmoid's alpha 4), and the primitives' values: g(0) = 1/2, g -> 0 and 1."""
+    x = (torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(9)) * 2).requires_grad_()
+    explicit = {
+        "kind": "lif",
+        "tau": 2.0,
+        "v_threshold": 1.0,
+        "v_reset": 0.0,
+        "decay_input": True,
+        "detach_reset": False,
+        "surrogate": "atan",
+        "alpha": 2.0,
+    }
+    for default, given_ in (
+        (reference_multi_step, lambda t: reference_multi_step(t, **explicit)),  # type: ignore[arg-type]
+        (ReferenceNeuron(), ReferenceNeuron(**explicit)),  # type: ignore[arg-type]
+        (atan_spike, lambda t: atan_spike(t, 2.0)),
+        (sigmoid_spike, lambda t: sigmoid_spike(t, 4.0)),
+    ):
+        a, b = default(x), given_(x)
+        assert torch.equal(a, b)
+        (ga,) = torch.autograd.grad(a.sum(), x)
+        (gb,) = torch.autograd.grad(b.sum(), x)
+        assert torch.equal(ga, gb)
+    # H = v_th exactly fires (Heaviside of 0 is 1)
+    assert atan_spike(torch.zeros(2)).tolist() == sigmoid_spike(torch.zeros(2)).tolist() == [1, 1]
+    z = torch.tensor([0.0, -1e30, 1e30])
+    for kind in ("atan", "sigmoid"):
+        assert surrogate_primitive(z, kind, 2.0).tolist() == [0.5, 0.0, 1.0]

@@ -412,7 +412,7 @@ def test_tail_prior_is_float32_on_the_bn_priors_device(source: str) -> None:
     """As documented: float32 tensors on the prior's device (``meta`` here: a device other
     than the CPU that needs no hardware)."""
     prior = extract_bn_prior([nn.BatchNorm2d(3)]).to("meta")
-    tail = extract_tail_prior(prior, TARConfig(source=source), student_vth=1.0)  # type: ignore[arg-type]
+    tail = extract_tail_prior(prior, TARConfig(source=source), student_vth=1.0)
     for t in (tail.layers[0].theta, tail.layers[0].tau, tail.layers[0].p):
         assert t.device.type == "meta"
         assert t.dtype == torch.float32
