@@ -425,8 +425,10 @@ class SpikeTARConfig(_Frozen):
         if self.pairs is not None and self.stages is not None:
             raise ValueError("give stages or pairs, not both")
         if self.granularity == "batch" and self.normalize:
-            raise ValueError("normalize needs granularity 'sample' or 'spatial' (a normalized "
-                             "batch mean is always 1)")
+            raise ValueError(
+                "normalize needs granularity 'sample' or 'spatial' (a normalized "
+                "batch mean is always 1)"
+            )
         if self.target != "teacher" and self.normalize:
             raise ValueError(f"target {self.target!r} is a constant: use normalize: false")
         if self.target != "teacher" and self.threshold != "bn":

@@ -109,12 +109,14 @@ def pair_layers(
 
 
 def student_firing_map(h_seq: Tensor, *, v_threshold: float, tau: float) -> Tensor:
-    """``a_s = mean_{t, c} sigmoid((H - V_th) / tau)``: ``[T, N, C, *] -> [N, *]`` (float32)."""
+    """``a_s = mean_{t, c} sigmoid((H - V_th) / tau)``: ``[T, N, C, *] -> [N, *]`` (float32;
+    float64 for float64 input, as :func:`~stars.neurons.membrane.soft_firing_map`)."""
     if h_seq.ndim < 3:
         raise ValueError(f"student_firing_map: expected H [T, N, C, *], got {tuple(h_seq.shape)}")
     if not tau > 0:
         raise ValueError(f"student_firing_map: tau must be > 0, got {tau}")
-    q = torch.sigmoid((h_seq.float() - v_threshold) / tau)
+    h = h_seq if h_seq.dtype == torch.float64 else h_seq.float()
+    q = torch.sigmoid((h - v_threshold) / tau)
     return q.mean(dim=(0, 2))
 
 
@@ -291,7 +293,9 @@ class SpikeTailTerm:
             neuron = neurons[s]
             assert isinstance(neuron, MultiStepNeuron)
             vth = neuron.v_threshold
-            a_s = student_firing_map(tap[neuron], v_threshold=vth, tau=self.cfg.tau_rel * vth)
+            # the fused one-pass map: the value of student_firing_map(tap[neuron], ...) with
+            # x_seq and the spikes kept for backward instead of the potentials' graph
+            a_s = tap.firing_map(neuron, self.cfg.tau_rel * vth)
             h = teacher_acts[t]
             if self.constant is not None:
                 a_t = torch.full((h.shape[0], *h.shape[2:]), self.constant, device=h.device)

@@ -291,3 +291,40 @@ def test_term_reaches_the_images_through_the_student(cfg: SpikeTARConfig) -> Non
     (g,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(loss) and loss > 0
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_term_student_map_is_the_replayed_potentials_map() -> None:
+    """The term's ``a_s`` (the fused one-pass map) is ``student_firing_map`` of the tap's
+    replayed potentials, in value and in its gradient to the images. float64 throughout: both
+    sides compute the same sums in a different order, so they agree to a few ulps of 1.0 per
+    term (sums of T*C <= 16 sigmoids); 1e-12 is far above that and far below any change a wrong
+    recurrence, threshold or temperature would make (>= 1e-3 on these maps)."""
+    teacher, student = tiny_teacher().double(), _student().double()
+    student.eval()
+    cfg = SpikeTARConfig(weight=1.0)
+    term = SpikeTailTerm(cfg, extract_bn_prior(teacher))
+    x = torch.randn(5, 3, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
+    bns = teacher.bn_layers()  # type: ignore[operator]
+    neurons = [m for _, m in student.spiking_neurons()]  # type: ignore[operator]
+    with FeatureTap(bns) as t_tap, MembraneTap(term.tapped(neurons)) as m_tap:
+        teacher(x)
+        student(x)
+        acts = {i: t_tap[m] for i, m in enumerate(bns)}
+        fused = [a_s for a_s, _ in term.maps(acts, m_tap, neurons)]
+        replayed = []
+        for s, _ in term.pairs(len(neurons)):
+            vth = neurons[s].v_threshold
+            replayed.append(
+                student_firing_map(m_tap[neurons[s]], v_threshold=vth, tau=cfg.tau_rel * vth)
+            )
+    assert len(fused) == len(replayed) > 0
+    for a, b in zip(fused, replayed, strict=True):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-12)
+    w = [torch.randn_like(a) for a in fused]
+    y_fused = torch.stack([(a * v).sum() for a, v in zip(fused, w, strict=True)]).sum()
+    y_replayed = torch.stack([(b * v).sum() for b, v in zip(replayed, w, strict=True)]).sum()
+    (g_fused,) = torch.autograd.grad(y_fused, x, retain_graph=True)
+    (g_replayed,) = torch.autograd.grad(y_replayed, x)
+    assert g_fused.abs().sum() > 0
+    torch.testing.assert_close(g_fused, g_replayed, rtol=1e-9, atol=1e-12)
