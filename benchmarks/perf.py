@@ -273,8 +273,13 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "bf16+channels_last": ["precision=bf16", "channels_last=true"],
     "compile": ["compile=true"],
     "bf16+compile": ["precision=bf16", "compile=true"],
+    "spike-kd": ["stars.spike_tar.student_weight=1"],
+    "spike": ["stars.spike_tar.student_weight=1", "stars.spike_tar.weight=2"],
+    "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
 }
-"""Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config."""
+"""Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config; the
+``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
+of the session-9 val runs."""
 
 
 def epoch_ratios(
