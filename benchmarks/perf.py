@@ -47,13 +47,13 @@ from stars.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from stars.distill.spikes import measure_spikes
 from stars.models.factory import build_teacher, bundled_teacher_path
 from stars.models.students import build_student
-from stars.models.teachers import build_teacher_arch
+from stars.models.teachers import ANNTeacher, build_teacher_arch
 from stars.neurons.spikingjelly_neurons import MultiStepNeuron
 from stars.runtime import tune_malloc
 from stars.synthesis.factory import build_synthesizer
 
 
-def _teacher() -> nn.Module:
+def _teacher() -> ANNTeacher:
     from stars.config import TeacherConfig
 
     if bundled_teacher_path().is_file():
@@ -309,7 +309,7 @@ def epoch_ratios(
             tree, [*EPOCH_LEVERS[name], "synthesis.warmup_epochs=0", "evaluation.enabled=false"]
         )
         comps[name] = build_components(RunConfig.model_validate(cfg_tree))
-        comps[name].synthesizer.ctx.epoch = 1
+        comps[name].synthesizer.set_epoch(1)
     first = next(iter(comps.values()))
     steps = kd_steps if kd_steps is not None else first.cfg.distill.kd_steps_per_epoch
 

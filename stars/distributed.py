@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from stars.models.protocols import Network, SpikingStudent
 
 __all__ = [
     "DistInfo",
@@ -99,7 +102,7 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def max_rank_difference(model: nn.Module, info: DistInfo) -> float:
+def max_rank_difference(model: Network, info: DistInfo) -> float:
     """Largest absolute difference of any weight or buffer between rank 0 and another rank."""
     vec = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
     vecs = [torch.empty_like(vec) for _ in range(info.world)]
@@ -107,7 +110,7 @@ def max_rank_difference(model: nn.Module, info: DistInfo) -> float:
     return max(float((v - vecs[0]).abs().max()) for v in vecs)
 
 
-def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+def sync_buffers(model: Network, info: DistInfo) -> None:
     """Broadcast every buffer (BN running statistics) from rank 0."""
     if not info.enabled:
         return
@@ -119,21 +122,22 @@ class FeaturesForward(nn.Module):
     """``forward(x) = student.forward_features(x)``, so that DDP (which hooks ``forward``)
     can wrap the method the distiller calls."""
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: SpikingStudent) -> None:
         super().__init__()
         self.student = student
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out: tuple[Tensor, Tensor] = self.student.forward_features(x)  # type: ignore[operator]
-        return out
+        return self.student.forward_features(x)
 
 
 def ddp_features(
-    student: nn.Module, info: DistInfo, device: torch.device
+    student: SpikingStudent, info: DistInfo, device: torch.device
 ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """The student's ``forward_features`` under DDP (gradients averaged over ranks)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    wrapped: Any = DDP(FeaturesForward(student), device_ids=ids, broadcast_buffers=False)
-    return wrapped  # type: ignore[no-any-return]
+    wrapped: Callable[[Tensor], tuple[Tensor, Tensor]] = DDP(
+        FeaturesForward(student), device_ids=ids, broadcast_buffers=False
+    )
+    return wrapped

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from stars.models.protocols import Network
 
 __all__ = ["mean_logits", "top1"]
 
@@ -18,7 +22,7 @@ def mean_logits(out: Tensor) -> Tensor:
 
 @torch.no_grad()
 def top1(
-    model: nn.Module,
+    model: Network,
     batches: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,
     *,

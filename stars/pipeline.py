@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from stars.config import (
@@ -52,6 +52,7 @@ from stars.data.datasets import (
 )
 from stars.distill.checkpoint import load_state, save_state
 from stars.distill.distiller import KDDistiller
+from stars.distill.protocols import Distiller
 from stars.distill.spikes import ANNCost, SpikeStats, energy_table, measure_ann, measure_spikes
 from stars.distributed import (
     DistInfo,
@@ -67,6 +68,7 @@ from stars.errors import StarsError
 from stars.evaluation import top1
 from stars.models.factory import build_teacher
 from stars.models.io import save_model
+from stars.models.protocols import SpikingStudent, Teacher
 from stars.models.students import build_student
 from stars.optim import build_optimizer, build_scheduler
 from stars.runtime import (
@@ -79,7 +81,7 @@ from stars.runtime import (
 )
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
 from stars.synthesis.priors import extract_bn_prior
-from stars.synthesis.protocols import SynthesisStep
+from stars.synthesis.protocols import SynthesisStep, Synthesizer
 from stars.synthesis.spike_tar import SpikeTailTerm
 from stars.tensorboard_log import log_grid
 
@@ -137,10 +139,10 @@ class Components:
     cfg: RunConfig
     device: torch.device
     geometry: DataGeometry
-    teacher: nn.Module
-    student: nn.Module
-    synthesizer: AnySynthesizer
-    distiller: KDDistiller
+    teacher: Teacher
+    student: SpikingStudent
+    synthesizer: Synthesizer
+    distiller: Distiller
     info: DistInfo = field(default_factory=DistInfo)
 
 
@@ -150,7 +152,7 @@ def warmup_epochs(cfg: RunConfig) -> int:
 
 
 def synthesizer_for(
-    cfg: RunConfig, teacher: nn.Module, geo: DataGeometry, device: torch.device
+    cfg: RunConfig, teacher: Teacher, geo: DataGeometry, device: torch.device
 ) -> AnySynthesizer:
     """The configured synthesizer around ``teacher`` (with the STARS plug-in)."""
     return build_synthesizer(
@@ -180,21 +182,23 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
         device = torch.device("cuda", info.local_rank)
     geo = data_geometry(cfg)
     seed_everything(cfg.seed)
-    teacher: nn.Module = build_teacher(
+    ann = build_teacher(
         cfg.teacher, num_classes=geo.num_classes, image_size=geo.image_size, dataset=geo.name
     ).to(device)
     torch.manual_seed(cfg.seed)
     try:
-        student = build_student(cfg.student, num_classes=geo.num_classes, image_size=geo.image_size)
+        snn = build_student(cfg.student, num_classes=geo.num_classes, image_size=geo.image_size)
     except ValueError as exc:
         raise StarsError(f"student: {exc}") from None
-    student = student.to(device)
-    _dry_run(cfg, teacher, student, geo, device)
+    snn = snn.to(device)
+    _dry_run(cfg, ann, snn, geo, device)
     if cfg.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-        student = student.to(memory_format=torch.channels_last)
+        ann = ann.to(memory_format=torch.channels_last)
+        snn = snn.to(memory_format=torch.channels_last)
+    teacher: Teacher = ann
+    student: SpikingStudent = snn
     if cfg.compile:
-        teacher, student = maybe_compile(teacher), maybe_compile(student)
+        teacher, student = maybe_compile(ann), maybe_compile(snn)
     synth_cfg = cfg
     if info.enabled:
         for field_path, size in (
@@ -234,7 +238,7 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
         rca_features=cfg.stars.rca.features,
         rca_delta=cfg.stars.rca.delta,
         rca_per_step=cfg.stars.rca.student_per_step,
-        spike=SpikeTailTerm(cfg.stars.spike_tar, extract_bn_prior(teacher)).to(device),
+        spike=SpikeTailTerm(cfg.stars.spike_tar, extract_bn_prior(teacher.bn_layers())).to(device),
         spike_weight=cfg.stars.spike_tar.student_weight,
         device=device,
         precision=cfg.precision,
@@ -246,20 +250,25 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
 
 
 def _dry_run(
-    cfg: RunConfig, teacher: nn.Module, student: nn.Module, geo: DataGeometry, device: torch.device
+    cfg: RunConfig,
+    teacher: Teacher,
+    student: SpikingStudent,
+    geo: DataGeometry,
+    device: torch.device,
 ) -> None:
     """One forward of both models on two images: a size, T or class count the models cannot
     take is reported before any work (and before a run directory exists)."""
     x = torch.zeros(2, 3, geo.image_size, geo.image_size, device=device)
-    for role, model, arch in (
+    models: tuple[tuple[str, Teacher | SpikingStudent, str], ...] = (
         ("teacher", teacher, cfg.teacher.arch),
         ("student", student, cfg.student.arch),
-    ):
+    )
+    for role, model, arch in models:
         was = model.training
         model.eval()
         try:
             with torch.no_grad():
-                feats, logits = model.forward_features(x)  # type: ignore[operator]
+                feats, logits = model.forward_features(x)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StarsError(
@@ -389,7 +398,7 @@ def save_grid(
 
 
 def _bank_grid(comp: Components, path: Path) -> None:
-    bank = comp.synthesizer.ctx.bank
+    bank = comp.synthesizer.bank
     if len(bank) == 0:
         return
     save_grid(bank.pixels(), bank.labels(), path)
@@ -468,7 +477,7 @@ def _share_batches(comp: Components, step: SynthesisStep) -> SynthesisStep:
     shares = gather_batches(step.images, step.labels, step.finite, comp.info)
     for share in shares:
         if share is not None:
-            comp.synthesizer.ctx.bank.add(*share)
+            comp.synthesizer.bank.add(*share)
     return replace(step, finite=all(s is not None for s in shares))
 
 
@@ -532,21 +541,21 @@ def calibrate(comp: Components, n: int = 32) -> dict[str, float]:
     gen = torch.Generator().manual_seed(comp.cfg.seed + 7)
     x = torch.randn(n, 3, g.image_size, g.image_size, generator=gen).to(comp.device)
     y = (torch.arange(n) % g.num_classes).to(comp.device)
-    return _norm_record(comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student))
+    return _norm_record(comp.synthesizer.objective.grad_norms(x, y, comp.student))
 
 
 def term_gradients(comp: Components, n: int = 32) -> dict[str, float]:
     """:func:`calibrate`'s measurement at the end of a run, on ``n`` memory-bank images with
     the teacher's labels and the trained student: does each term still reach the images,
     and how strongly against BN (a stalled term reads 0). Its own random stream."""
-    bank = comp.synthesizer.ctx.bank
+    bank = comp.synthesizer.bank
     if len(bank) == 0:
         return {}
     gen = torch.Generator().manual_seed(comp.cfg.seed + 11)
     x = bank.sample(n, generator=gen).to(comp.device)
     with torch.no_grad():
         y = comp.teacher(x).argmax(1)
-    return _norm_record(comp.synthesizer.ctx.objective.grad_norms(x, y, comp.student))
+    return _norm_record(comp.synthesizer.objective.grad_norms(x, y, comp.student))
 
 
 def _means(acc: Mapping[str, list[float]], prefix: str) -> dict[str, float]:
@@ -577,7 +586,7 @@ def run_distill(
     if not main:
         console, show_progress = Console(quiet=True), False
     comp = build_components(cfg, info)  # before any file is written: bad input leaves nothing
-    comp.synthesizer.ctx.store = not info.enabled
+    comp.synthesizer.store = not info.enabled
     if resume is None:
         if main:
             run = make_run_dir(cfg.output_dir, cfg.name, "distill", overwrite=overwrite)
@@ -628,7 +637,7 @@ def run_distill(
             s_task = bar.add_task("synthesis", total=total_s, info="")
             k_task = bar.add_task("KD", total=total_k, info="")
             for epoch in range(start_epoch, d.epochs):
-                comp.synthesizer.ctx.epoch = epoch
+                comp.synthesizer.set_epoch(epoch)
                 syn: dict[str, list[float]] = defaultdict(list)
                 for _ in range(n_synth(epoch)):
                     step = comp.synthesizer.synthesize(comp.student)
@@ -650,7 +659,7 @@ def run_distill(
                     for k, v in step.losses.items():
                         syn[k].append(v)
                 kd: dict[str, list[float]] = defaultdict(list)
-                if epoch >= warm and d.kd_steps_per_epoch and len(comp.synthesizer.ctx.bank) == 0:
+                if epoch >= warm and d.kd_steps_per_epoch and len(comp.synthesizer.bank) == 0:
                     raise StarsError(
                         f"the memory bank is empty at epoch {epoch + 1}: no synthesized batch "
                         "was finite (or distill.synthesis_steps_per_epoch is 0)"
@@ -673,7 +682,7 @@ def run_distill(
                 record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1}
                 record |= _means(syn, "synthesis") | _means(kd, "kd")
                 record["lr"] = comp.distiller.optimizer.param_groups[0]["lr"]
-                record["bank_size"] = len(comp.synthesizer.ctx.bank)
+                record["bank_size"] = len(comp.synthesizer.bank)
                 record["skipped_kd_steps"] = comp.distiller.skipped
                 record["skipped_synthesis_steps"] = bad_synth
                 record["seconds"] = elapsed_before + time.time() - t0

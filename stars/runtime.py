@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from stars.errors import StarsError
 
 if TYPE_CHECKING:
+    from stars.models.students import SpikingClassifier
+    from stars.models.teachers import ANNTeacher
     from stars.tensorboard_log import TensorBoardLog
 
 __all__ = [
@@ -222,11 +224,11 @@ class CompiledModel(nn.Module):
     the model runs eagerly from then on (a genuine error then surfaces from the eager call).
     """
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: ANNTeacher | SpikingClassifier) -> None:
         super().__init__()
         self.inner = inner
         self._forward: Any = torch.compile(inner.forward)
-        self._features: Any = torch.compile(inner.forward_features)  # type: ignore[arg-type]
+        self._features: Any = torch.compile(inner.forward_features)
         self.eager = False
 
     def _run(self, compiled: Any, eager: Any, x: Tensor) -> Any:
@@ -245,8 +247,7 @@ class CompiledModel(nn.Module):
         return out
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        inner = self._modules["inner"]
-        out: tuple[Tensor, Tensor] = self._run(self._features, inner.forward_features, x)  # type: ignore[union-attr]
+        out: tuple[Tensor, Tensor] = self._run(self._features, self.inner.forward_features, x)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -256,14 +257,21 @@ class CompiledModel(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self._modules["inner"].state_dict(*args, **kwargs)  # type: ignore[union-attr]
+        return self.inner.state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self._modules["inner"].load_state_dict(*args, **kwargs)  # type: ignore[union-attr]
+        return self.inner.load_state_dict(*args, **kwargs)
 
 
-def maybe_compile(model: nn.Module) -> nn.Module:
-    """``torch.compile`` the model's forwards; on failure warn and keep the eager model."""
+_Model = TypeVar("_Model", bound="ANNTeacher | SpikingClassifier")
+
+
+def maybe_compile(model: _Model) -> _Model | CompiledModel:
+    """``torch.compile`` the model's forwards; on failure warn and keep the eager model.
+
+    A compiled teacher (student) is still a :class:`~stars.models.protocols.Teacher`
+    (:class:`~stars.models.protocols.SpikingStudent`): the wrapper forwards every other
+    attribute to the model."""
     import warnings
 
     try:

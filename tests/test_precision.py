@@ -61,8 +61,8 @@ def test_compile_failure_falls_back_with_a_warning(
         out = comp.student(x)
     assert torch.equal(out, eager.student(x))
     assert comp.student.state_dict().keys() == eager.student.state_dict().keys()
-    n_bn = len(comp.student.bn_layers())  # type: ignore[operator]
-    assert n_bn == len(eager.student.bn_layers())  # type: ignore[operator]
+    n_bn = len(comp.student.bn_layers())
+    assert n_bn == len(eager.student.bn_layers())
 
 
 def test_compile_uses_the_compiled_function(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from stars.distill.losses import kd_loss, student_rca, student_rca_per_step, tet_kd_loss
 from stars.distill.protocols import StepOutput
+from stars.models.protocols import SpikingStudent, Teacher
 from stars.neurons.membrane import MembraneTap
 from stars.runtime import autocast
 from stars.synthesis.priors import FeatureTap
@@ -61,8 +62,8 @@ class KDDistiller:
 
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module,
+        student: SpikingStudent,
+        teacher: Teacher,
         *,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -120,8 +121,8 @@ class KDDistiller:
         tapped: list[nn.Module] = []
         pairs: list[tuple[int, int]] = []
         if spike is not None:
-            t_bns = list(self.teacher.bn_layers())  # type: ignore[operator]
-            neurons = [m for _, m in self.student.spiking_neurons()]  # type: ignore[operator]
+            t_bns = list(self.teacher.bn_layers())
+            neurons = [m for _, m in self.student.spiking_neurons()]
             pairs = spike.pairs(len(neurons))
             t_bns = [t_bns[t] for _, t in pairs]
             tapped = [neurons[s] for s, _ in pairs]
@@ -130,13 +131,11 @@ class KDDistiller:
             autocast(self.device, self.precision),
             FeatureTap(t_bns, detach=True) as t_tap,
         ):
-            t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
+            t_feats, t_logits = self.teacher.forward_features(x)
             t_acts = {t: t_tap[m] for (_, t), m in zip(pairs, t_bns, strict=True)}
         spike_value: Tensor | None = None
         with autocast(self.device, self.precision), MembraneTap(tapped) as m_tap:
-            fwd: Callable[[Tensor], tuple[Tensor, Tensor]] = (
-                self.features_fn or self.student.forward_features  # type: ignore[assignment]
-            )
+            fwd = self.features_fn or self.student.forward_features
             s_feats_seq, s_logits_seq = fwd(x)
             if spike is not None:
                 spike_value = spike.loss(t_acts, m_tap, neurons)

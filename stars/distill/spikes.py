@@ -32,10 +32,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from stars.models.protocols import Network
 
 __all__ = [
     "E_AC_PJ",
@@ -129,7 +132,7 @@ class _Tally:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _eval_mode(model: Network) -> Iterator[None]:
     """Put ``model`` in eval mode; restore every submodule's own mode on exit."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -140,7 +143,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _spiking_neurons(student: nn.Module) -> list[tuple[str, nn.Module]]:
+def _spiking_neurons(student: Network) -> list[tuple[str, nn.Module]]:
     method = getattr(student, "spiking_neurons", None)
     if not callable(method):
         raise TypeError(
@@ -155,7 +158,7 @@ def _spiking_neurons(student: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def measure_spikes(
-    student: nn.Module, batches: Iterable[Tensor] | Tensor, device: torch.device | str
+    student: Network, batches: Iterable[Tensor] | Tensor, device: torch.device | str
 ) -> SpikeStats:
     """Measure the firing rates, synaptic operations, MACs and energy of a spiking student.
 
@@ -234,7 +237,7 @@ def measure_spikes(
 
 
 def measure_ann(
-    teacher: nn.Module, image_shape: tuple[int, int, int], device: torch.device | str
+    teacher: Network, image_shape: tuple[int, int, int], device: torch.device | str
 ) -> ANNCost:
     """Count the multiply-accumulates of an ANN for one image.
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
-from torch import nn
+from typing import TypeVar
 
 from stars.config import TeacherConfig
 from stars.errors import StarsError
 from stars.models.io import load_model_weights
+from stars.models.protocols import Network
 from stars.models.teachers import ANNTeacher, build_teacher_arch
 
 __all__ = ["BUNDLED_TEACHER", "build_teacher", "bundled_teacher_path", "freeze"]
@@ -23,7 +23,10 @@ def bundled_teacher_path() -> Path:
     return Path(str(resources.files("stars") / "assets" / BUNDLED_TEACHER))
 
 
-def freeze(model: nn.Module) -> nn.Module:
+_Net = TypeVar("_Net", bound=Network)
+
+
+def freeze(model: _Net) -> _Net:
     """Eval mode and no gradients to parameters: a teacher is never trained by distillation."""
     model.eval()
     for p in model.parameters():

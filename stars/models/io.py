@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from stars.errors import StarsError
+from stars.models.protocols import Network
 
 __all__ = [
     "CheckpointError",
@@ -56,11 +57,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_tensors(model: Network) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_model(model: nn.Module, path: Path, meta: Mapping[str, Any]) -> None:
+def save_model(model: Network, path: Path, meta: Mapping[str, Any]) -> None:
     """Save ``model``'s state dict as safetensors at ``path`` and ``meta`` beside it as JSON."""
     from safetensors.torch import save
 

@@ -56,6 +56,7 @@ from stars.neurons import build_neuron
 
 __all__ = [
     "STUDENT_PRESETS",
+    "SpikingClassifier",
     "SpikingResNet",
     "SpikingVGG",
     "VGGLayout",
@@ -95,10 +96,12 @@ def _check_common(num_classes: int, T: int, in_channels: int) -> None:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
 
 
-class _SpikingClassifier(nn.Module):
+class SpikingClassifier(nn.Module):
     """What every student shares: direct encoder -> its neuron -> ``body()`` -> global
-    average pooling over space -> ``head``, per time step."""
+    average pooling over space -> ``head``, per time step. Implements
+    :class:`~stars.models.protocols.SpikingStudent`."""
 
+    num_classes: int
     T: int
     encoder: DirectEncoder
     encoder_neuron: nn.Module
@@ -127,7 +130,7 @@ class _SpikingClassifier(nn.Module):
         return collect_spiking_neurons(self)
 
 
-class SpikingResNet(_SpikingClassifier):
+class SpikingResNet(SpikingClassifier):
     """A CIFAR-stem spiking ResNet of standard spiking basic blocks (see the module docstring).
 
     Args:
@@ -193,7 +196,7 @@ class SpikingResNet(_SpikingClassifier):
         return self.stages
 
 
-class SpikingVGG(_SpikingClassifier):
+class SpikingVGG(SpikingClassifier):
     """A plain spiking CNN: conv + BN + neuron layers and 2x2 pools, GAP, one ``Linear``.
 
     Args:
@@ -356,7 +359,7 @@ def spiking_tiny_avg(
     )
 
 
-STUDENT_PRESETS: dict[str, Callable[..., nn.Module]] = {
+STUDENT_PRESETS: dict[str, Callable[..., SpikingClassifier]] = {
     "spiking_resnet18": spiking_resnet18,
     "spiking_resnet19": spiking_resnet19,
     "spiking_resnet20": spiking_resnet20,
@@ -373,7 +376,7 @@ STUDENT_PRESETS: dict[str, Callable[..., nn.Module]] = {
 
 def build_student(
     cfg: StudentConfig, *, num_classes: int, image_size: int = 32, in_channels: int = 3
-) -> nn.Module:
+) -> SpikingClassifier:
     """Build the spiking student a config describes.
 
     Args:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import assert_never
 
 import torch
-from torch import nn
 
 from stars.config import (
     DAFLSynthesis,
@@ -16,6 +15,7 @@ from stars.config import (
     StarsConfig,
     SynthesisConfig,
 )
+from stars.models.protocols import Teacher
 from stars.synthesis.generators import ConvGenerator
 from stars.synthesis.objective import SynthesisObjective, TermWeights
 from stars.synthesis.synthesizers import (
@@ -63,7 +63,7 @@ def build_synthesizer(
     cfg: SynthesisConfig,
     stars: StarsConfig,
     *,
-    teacher: nn.Module,
+    teacher: Teacher,
     num_classes: int,
     image_size: int,
     mean: Sequence[float],

@@ -15,11 +15,13 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from stars.config import StarsConfig
+from stars.models.protocols import Network, SpikingStudent, Teacher
 from stars.neurons.membrane import MembraneTap
 from stars.runtime import autocast
 from stars.synthesis import losses as L
@@ -36,6 +38,7 @@ from stars.synthesis.spike_tar import SpikeTailTerm
 __all__ = ["ObjectiveOutput", "SynthesisObjective", "TermWeights", "frozen"]
 
 Stats = tuple[Tensor, Tensor]
+_Net = TypeVar("_Net", bound=Network)
 
 
 def _indices(chosen: tuple[int, ...], n: int) -> list[int]:
@@ -105,7 +108,7 @@ def rca_calibration_due(
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
+def frozen(model: _Net) -> Iterator[_Net]:
     """Eval mode and no parameter gradients inside the block; both restored on exit.
 
     Used for the student during synthesis: its parameters, gradients and BN running
@@ -138,7 +141,7 @@ class SynthesisObjective:
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: Teacher,
         *,
         weights: TermWeights,
         stars: StarsConfig,
@@ -156,7 +159,7 @@ class SynthesisObjective:
         # bf16 autocast for the teacher and student forwards; fp16 would need a grad scaler
         # per generator optimizer, so synthesis stays fp32 under ``precision: fp16``.
         self.precision = precision if precision == "bf16" else "fp32"
-        self.bn_layers: list[nn.Module] = list(teacher.bn_layers())  # type: ignore[operator]
+        self.bn_layers: list[nn.Module] = list(teacher.bn_layers())
         self.bn_prior: BNPrior = extract_bn_prior(self.bn_layers)
         self.tail_prior: TailPrior | None = None
         if stars.tar.site == "teacher":
@@ -214,7 +217,7 @@ class SynthesisObjective:
         self,
         x: Tensor,
         y: Tensor,
-        student: nn.Module | None,
+        student: SpikingStudent | None,
         *,
         student_active: bool = True,
         grad_inactive: bool = False,
@@ -230,7 +233,7 @@ class SynthesisObjective:
         """
         w, cfg = self.weights, self.stars
         with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
-            t_feats, t_logits = self.teacher.forward_features(x)  # type: ignore[operator]
+            t_feats, t_logits = self.teacher.forward_features(x)
             acts = [tap[m] for m in self.bn_layers]
         stats = [batch_stats(a) for a in acts]
         terms: dict[str, Tensor] = {}
@@ -265,7 +268,7 @@ class SynthesisObjective:
         s_logits: Tensor | None = None
         s_acts: list[Tensor] = []
         if student is not None and student_active and self.needs_student:
-            s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []  # type: ignore[operator]
+            s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []
             if cfg.tar.site == "student" and cfg.tar.layers is not None:
                 s_bns = [s_bns[i] for i in _indices(cfg.tar.layers, len(s_bns))]
             spike_w = cfg.spike_tar.weight * self.scale
@@ -280,7 +283,7 @@ class SynthesisObjective:
                 MembraneTap(self.spike.tapped(neurons) if neurons else []) as m_tap,
                 autocast(x.device, self.precision),
             ):
-                s_feats_seq, s_logits_seq = student.forward_features(x)  # type: ignore[operator]
+                s_feats_seq, s_logits_seq = student.forward_features(x)
                 s_acts = [s_tap[m] for m in s_bns]
                 s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
                 if neurons:
@@ -326,7 +329,7 @@ class SynthesisObjective:
             if cfg.tar.site == "student":
                 prior, feats = None, s_acts
                 if student is not None and s_acts:
-                    s_prior = extract_bn_prior(student.bn_layers())  # type: ignore[operator]
+                    s_prior = extract_bn_prior(student.bn_layers())
                     prior = _subset(
                         extract_tail_prior(
                             s_prior.to(x.device), cfg.tar, student_vth=self.student_vth
@@ -375,7 +378,9 @@ class SynthesisObjective:
             self.rca_age = 1
         return self.rca_weight
 
-    def grad_norms(self, x: Tensor, y: Tensor, student: nn.Module | None) -> Mapping[str, float]:
+    def grad_norms(
+        self, x: Tensor, y: Tensor, student: SpikingStudent | None
+    ) -> Mapping[str, float]:
         """The norm of each term's gradient on ``x`` (weighted as in ``L_G``, STARS terms at
         weight 1 when off). Logged at the start of synthesis to calibrate the STARS weights
         against the BN term."""

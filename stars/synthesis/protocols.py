@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from stars.models.protocols import SpikingStudent
+    from stars.synthesis.memory import MemoryBank
+    from stars.synthesis.objective import SynthesisObjective
 
 
 @dataclass(frozen=True)
@@ -29,24 +34,22 @@ class SynthesisStep:
     """False when the images or the objective were not finite; such a batch is not stored."""
 
 
+_V_co = TypeVar("_V_co", covariant=True)
+
+
 @runtime_checkable
-class FeatureTap(Protocol):
+class Tap(Protocol[_V_co]):
     """A context manager over forward hooks: registers on enter, always removes on exit.
 
     ``with tap as captured:`` yields a mapping from module to what it saw during the forward
-    passes inside the block; nothing is kept after exit.
+    passes inside the block (``Tap[Tensor]``: :class:`~stars.synthesis.priors.FeatureTap`,
+    :class:`~stars.neurons.membrane.MembraneTap`; ``Tap[tuple[Tensor, Tensor]]``:
+    :class:`~stars.synthesis.priors.BatchStatsTap`); nothing is kept after exit.
     """
 
-    def __enter__(self) -> Mapping[nn.Module, Tensor]: ...
+    def __enter__(self) -> Mapping[nn.Module, _V_co]: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-@runtime_checkable
-class PriorExtractor(Protocol):
-    """Reads a teacher once (no data) and returns a frozen prior."""
-
-    def __call__(self, teacher: nn.Module) -> Any: ...
 
 
 @runtime_checkable
@@ -60,12 +63,29 @@ class Generator(Protocol):
 class Synthesizer(Protocol):
     """Produces surrogate batches from the teacher, steered by the current student.
 
-    ``synthesize(student)`` runs one synthesis step (the student's parameters and BN buffers
-    are not changed) and adds the images to the memory bank; ``sample(n)`` draws ``n``
-    images uniformly from the bank.
+    - ``synthesize(student)`` runs one synthesis step (the student's parameters and BN
+      buffers are not changed; ``None``: the teacher alone) and, while :attr:`store` is set,
+      adds the batch to the memory bank when it is finite.
+    - ``sample(n)`` draws ``n`` images uniformly from the bank; :attr:`bank` is the bank
+      itself (a data-parallel run adds every rank's share to it, with :attr:`store` off).
+    - ``set_epoch(epoch)``: the per-epoch hook, called with the 0-based epoch before the
+      epoch's first step (``stars.schedule``, Fast's warm-up).
+    - :attr:`objective`: the generator objective, for gradient measurements.
+    - ``state_dict()`` / ``load_state_dict()``: everything a resumed run needs (the bank,
+      the random state, generators and optimizers), as checkpoint-safe values.
     """
 
-    def synthesize(self, student: nn.Module) -> SynthesisStep: ...
+    store: bool
+
+    @property
+    def bank(self) -> MemoryBank: ...
+
+    @property
+    def objective(self) -> SynthesisObjective: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def synthesize(self, student: SpikingStudent | None) -> SynthesisStep: ...
 
     def sample(self, n: int) -> Tensor: ...
 
@@ -74,4 +94,4 @@ class Synthesizer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-__all__ = ["FeatureTap", "Generator", "PriorExtractor", "SynthesisStep", "Synthesizer"]
+__all__ = ["Generator", "SynthesisStep", "Synthesizer", "Tap"]

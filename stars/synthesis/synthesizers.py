@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stars.models.protocols import SpikingStudent, Teacher
 from stars.synthesis.augment import jitter_flip
 from stars.synthesis.generators import ConvGenerator, PixelGenerator
 from stars.synthesis.memory import MemoryBank
@@ -50,7 +51,7 @@ class SynthesisContext:
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: Teacher,
         objective: SynthesisObjective,
         *,
         num_classes: int,
@@ -158,7 +159,38 @@ def _step_value(total: Tensor) -> float:
     return float(total.detach())
 
 
-class DeepInversionSynthesizer:
+class _OnContext:
+    """What the :class:`~stars.synthesis.protocols.Synthesizer` protocol reads from the
+    shared :class:`SynthesisContext`: the bank, the objective, the store flag, the per-epoch
+    hook and sampling."""
+
+    ctx: SynthesisContext
+
+    @property
+    def bank(self) -> MemoryBank:
+        return self.ctx.bank
+
+    @property
+    def objective(self) -> SynthesisObjective:
+        return self.ctx.objective
+
+    @property
+    def store(self) -> bool:
+        return self.ctx.store
+
+    @store.setter
+    def store(self, value: bool) -> None:
+        self.ctx.store = value
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch (``stars.schedule``; Fast's warm-up and first-layer reset)."""
+        self.ctx.epoch = epoch
+
+    def sample(self, n: int) -> Tensor:
+        return self.ctx.sample(n)
+
+
+class DeepInversionSynthesizer(_OnContext):
     """DeepInversion: each call optimizes a fresh batch of pixels from N(0, 1).
 
     Adam on the pixels (betas 0.5/0.9 as in DeepInversion), random jitter and flip every
@@ -181,7 +213,7 @@ class DeepInversionSynthesizer:
         self.jitter = jitter
         self.flip = flip
 
-    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
+    def synthesize(self, student: SpikingStudent | None) -> SynthesisStep:
         ctx = self.ctx
         n = ctx.batch_size
         y = ctx.labels(n)
@@ -204,9 +236,6 @@ class DeepInversionSynthesizer:
                 opt.step()
         assert best is not None and out is not None
         return ctx.finish(best[1], y, out, trace)
-
-    def sample(self, n: int) -> Tensor:
-        return self.ctx.sample(n)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ctx": self.ctx.state_dict()}
@@ -239,7 +268,7 @@ class _GeneratorState:
         self.opt.load_state_dict(state["opt"])
 
 
-def _maybe_frozen(student: nn.Module | None) -> Any:
+def _maybe_frozen(student: SpikingStudent | None) -> Any:
     from contextlib import nullcontext
 
     return frozen(student) if student is not None else nullcontext()
@@ -250,7 +279,7 @@ def _train_generator(
     generator: ConvGenerator,
     opt: torch.optim.Optimizer,
     g_steps: int,
-    student: nn.Module | None,
+    student: SpikingStudent | None,
     y: Tensor,
 ) -> tuple[Tensor, ObjectiveOutput, list[float]]:
     """``g_steps`` updates of a persistent generator on fresh latents; the last batch."""
@@ -270,7 +299,7 @@ def _train_generator(
     return result[0], result[1], trace
 
 
-class _PersistentGeneratorSynthesizer:
+class _PersistentGeneratorSynthesizer(_OnContext):
     """A generator kept across calls and trained ``g_steps`` times per call; the last batch
     goes to the bank, labelled with the teacher's argmax. Subclasses choose the labels the
     objective's class term sees."""
@@ -287,14 +316,11 @@ class _PersistentGeneratorSynthesizer:
     def _labels(self) -> Tensor:
         raise NotImplementedError
 
-    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
+    def synthesize(self, student: SpikingStudent | None) -> SynthesisStep:
         x, out, trace = _train_generator(
             self.ctx, self.generator, self.opt, self.g_steps, student, self._labels()
         )
         return self.ctx.finish(x, out.t_logits.argmax(1), out, trace)
-
-    def sample(self, n: int) -> Tensor:
-        return self.ctx.sample(n)
 
     def state_dict(self) -> dict[str, Any]:
         return self._state.state_dict()
@@ -322,7 +348,7 @@ class DFADSynthesizer(_PersistentGeneratorSynthesizer):
         return self.ctx.labels(self.ctx.batch_size)
 
 
-class FastSynthesizer:
+class FastSynthesizer(_OnContext):
     """Fast (Fang et al., AAAI 2022): meta-learned generator, ``g_steps`` per batch.
 
     Each call clones the shared generator, optimizes the clone and a fresh latent ``z``
@@ -361,7 +387,7 @@ class FastSynthesizer:
         self._state = _GeneratorState(ctx, self.generator, self.meta_opt)
         self._reset_done = False
 
-    def synthesize(self, student: nn.Module | None) -> SynthesisStep:
+    def synthesize(self, student: SpikingStudent | None) -> SynthesisStep:
         ctx = self.ctx
         n = ctx.batch_size
         if self.reset_l0 and not self._reset_done and ctx.epoch >= 120 + self.warmup_epochs:
@@ -411,9 +437,6 @@ class FastSynthesizer:
             _reptile_grads(self.generator, fast)
             self.meta_opt.step()
         return ctx.finish(best[1], y, out, trace)
-
-    def sample(self, n: int) -> Tensor:
-        return self.ctx.sample(n)
 
     def state_dict(self) -> dict[str, Any]:
         state = self._state.state_dict()

@@ -171,9 +171,12 @@ def test_tap_leaves_foreign_hooks_and_cannot_be_entered_twice() -> None:
         FeatureTap([bn, bn])
 
 
-def test_tap_satisfies_the_protocol() -> None:
-    tap: protocols.FeatureTap = FeatureTap([nn.BatchNorm2d(1)])
-    assert isinstance(tap, protocols.FeatureTap)
+def test_taps_satisfy_the_protocol() -> None:
+    bn = nn.BatchNorm2d(1)
+    tap: protocols.Tap[torch.Tensor] = FeatureTap([bn])
+    stats: protocols.Tap[tuple[torch.Tensor, torch.Tensor]] = BatchStatsTap([bn])
+    assert isinstance(tap, protocols.Tap)
+    assert isinstance(stats, protocols.Tap)
 
 
 def test_tap_last_call_wins() -> None:

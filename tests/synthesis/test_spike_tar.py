@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 
 from stars.config import NeuronConfig, SpikeTARConfig, StudentConfig
-from stars.models.students import build_student
+from stars.models.students import SpikingClassifier, build_student
+from stars.neurons import MultiStepNeuron
 from stars.neurons.membrane import MembraneTap
 from stars.synthesis.priors import FeatureTap, extract_bn_prior
 from stars.synthesis.spike_tar import (
@@ -257,7 +258,7 @@ def test_teacher_map_tends_to_the_exceedance_fraction(seed: int) -> None:
 # ----------------------------------------------------------------------------- the term
 
 
-def _student() -> torch.nn.Module:
+def _student() -> SpikingClassifier:
     torch.manual_seed(1)
     return build_student(
         StudentConfig(arch="spiking_tiny", T=2, neuron=NeuronConfig(v_threshold=0.5)),
@@ -278,10 +279,10 @@ def _student() -> torch.nn.Module:
 def test_term_reaches_the_images_through_the_student(cfg: SpikeTARConfig) -> None:
     teacher, student = tiny_teacher(), _student()
     student.eval()
-    term = SpikeTailTerm(cfg, extract_bn_prior(teacher))
+    term = SpikeTailTerm(cfg, extract_bn_prior(teacher.bn_layers()))
     x = torch.randn(6, 3, SIZE, SIZE, requires_grad=True)
-    bns = teacher.bn_layers()  # type: ignore[operator]
-    neurons = [m for _, m in student.spiking_neurons()]  # type: ignore[operator]
+    bns = teacher.bn_layers()
+    neurons = [m for _, m in student.spiking_neurons()]
     with FeatureTap(bns) as t_tap, MembraneTap(term.tapped(neurons)) as m_tap:
         teacher(x)
         student(x)
@@ -302,10 +303,10 @@ def test_term_student_map_is_the_replayed_potentials_map() -> None:
     teacher, student = tiny_teacher().double(), _student().double()
     student.eval()
     cfg = SpikeTARConfig(weight=1.0)
-    term = SpikeTailTerm(cfg, extract_bn_prior(teacher))
+    term = SpikeTailTerm(cfg, extract_bn_prior(teacher.bn_layers()))
     x = torch.randn(5, 3, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
-    bns = teacher.bn_layers()  # type: ignore[operator]
-    neurons = [m for _, m in student.spiking_neurons()]  # type: ignore[operator]
+    bns = teacher.bn_layers()
+    neurons = [m for _, m in student.spiking_neurons()]
     with FeatureTap(bns) as t_tap, MembraneTap(term.tapped(neurons)) as m_tap:
         teacher(x)
         student(x)
@@ -313,7 +314,9 @@ def test_term_student_map_is_the_replayed_potentials_map() -> None:
         fused = [a_s for a_s, _ in term.maps(acts, m_tap, neurons)]
         replayed = []
         for s, _ in term.pairs(len(neurons)):
-            vth = neurons[s].v_threshold
+            neuron = neurons[s]
+            assert isinstance(neuron, MultiStepNeuron)
+            vth = neuron.v_threshold
             replayed.append(
                 student_firing_map(m_tap[neurons[s]], v_threshold=vth, tau=cfg.tau_rel * vth)
             )

@@ -25,6 +25,7 @@ from stars.config import (
     WeightSchedule,
 )
 from stars.models.factory import freeze
+from stars.models.protocols import Network, SpikingStudent, Teacher
 from stars.models.students import build_student
 from stars.models.teachers import CifarResNet
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
@@ -34,13 +35,13 @@ MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SIZE, K = 16, 4
 
 
-def tiny_teacher() -> nn.Module:
+def tiny_teacher() -> CifarResNet:
     """A ResNet-8 whose BN running statistics come from a few random batches."""
     return copy.deepcopy(_teacher())
 
 
 @functools.cache
-def _teacher() -> nn.Module:
+def _teacher() -> CifarResNet:
     torch.manual_seed(0)
     t = CifarResNet(8, num_classes=K, image_size=SIZE)
     t.train()
@@ -50,7 +51,7 @@ def _teacher() -> nn.Module:
     return freeze(t)
 
 
-def tiny_student() -> nn.Module:
+def tiny_student() -> SpikingStudent:
     torch.manual_seed(1)
     return build_student(
         StudentConfig(arch="spiking_tiny", T=2, neuron=NeuronConfig()),
@@ -87,7 +88,7 @@ def build(
     cfg: SynthesisConfig,
     stars: StarsConfig,
     seed: int = 0,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | None = None,
     student_vth: float | None = None,
 ) -> AnySynthesizer:
     return build_synthesizer(
@@ -105,16 +106,16 @@ def build(
 
 
 def make(
-    kind: str, stars: StarsConfig = StarsConfig(), seed: int = 0, teacher: nn.Module | None = None
+    kind: str, stars: StarsConfig = StarsConfig(), seed: int = 0, teacher: Teacher | None = None
 ) -> AnySynthesizer:
     return build(CASES[kind], stars, seed, teacher, student_vth=1.0)
 
 
-def snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(m: Network) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def hook_count(m: nn.Module) -> int:
+def hook_count(m: Network) -> int:
     return sum(
         len(x._forward_hooks) + len(x._forward_pre_hooks) + len(x._backward_hooks)
         for x in m.modules()
@@ -207,7 +208,7 @@ def test_fast_warmup_keeps_student_out() -> None:
     synth = build(cfg, StarsConfig())
     student = tiny_student()
     calls = []
-    first_bn = student.bn_layers()[0]  # type: ignore[operator]
+    first_bn = student.bn_layers()[0]
     first_bn.register_forward_hook(lambda *a: calls.append(1))
     synth.synthesize(student)
     assert not calls and "adv" not in synth.synthesize(student).losses
@@ -321,18 +322,25 @@ def test_rca_grad_ratio_waits_for_the_student() -> None:
 
 class _Echo(nn.Module):
     """A 'student' that answers with the teacher's logits (it agrees on every sample) and the
-    teacher's features reweighted per dimension (so the relations differ), over T = 2."""
+    teacher's features reweighted per dimension (so the relations differ), over T = 2; it
+    has no spiking layers."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    T = 2
+
+    def __init__(self, teacher: Teacher) -> None:
         super().__init__()
         self.teacher = teacher
+        self.num_classes = teacher.num_classes
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, z = self.teacher.forward_features(x)  # type: ignore[operator]
+        f, z = self.teacher.forward_features(x)
         f = f * torch.linspace(0.05, 3.0, f.shape[1])
         return torch.stack([f, f]), torch.stack([z, z])
 
     def bn_layers(self) -> list[nn.Module]:
+        return []
+
+    def spiking_neurons(self) -> list[tuple[str, nn.Module]]:
         return []
 
 
