@@ -21,6 +21,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from stars.config import CifarData, DataConfig, ImageFolderData
+from stars.data.protocols import DataSource
 from stars.errors import StarsError
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "AnnotatedImages",
     "DataError",
     "DataSource",
+    "ImageSource",
     "SkippingImageFolder",
     "build_data",
     "eval_transform",
@@ -203,8 +205,9 @@ def is_annotated_split(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class DataSource:
-    """A labelled image source with its normalization; implements ``DataSource`` protocol."""
+class ImageSource:
+    """A labelled image source with its normalization: the
+    :class:`~stars.data.protocols.DataSource` that :func:`build_data` builds."""
 
     name: str
     num_classes: int
@@ -267,7 +270,7 @@ def _check_same_classes(train_root: Path, test_root: Path) -> None:
         )
 
 
-def _cifar(cfg: CifarData) -> DataSource:
+def _cifar(cfg: CifarData) -> ImageSource:
     is10 = cfg.kind == "cifar10"
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
     pickled = cfg.root / ("cifar-10-batches-py" if is10 else "cifar-100-python")
@@ -280,7 +283,7 @@ def _cifar(cfg: CifarData) -> DataSource:
         if not folder:
             raise _missing(cfg.root, "train/ and test/ class folders", download_hint=False)
         _check_same_classes(cfg.root / "train", cfg.root / "test")
-        return DataSource(
+        return ImageSource(
             cfg.kind,
             k,
             32,
@@ -311,7 +314,7 @@ def _cifar(cfg: CifarData) -> DataSource:
             raise DataError(f"cannot load {cfg.kind} from {cfg.root}: {exc}") from None
         return ds
 
-    return DataSource(
+    return ImageSource(
         cfg.kind,
         k,
         32,
@@ -324,7 +327,7 @@ def _cifar(cfg: CifarData) -> DataSource:
     )
 
 
-def _folder(cfg: ImageFolderData) -> DataSource:
+def _folder(cfg: ImageFolderData) -> ImageSource:
     if not (cfg.root / cfg.train_dir).is_dir():
         raise _missing(cfg.root, f"a {cfg.train_dir}/ folder of class folders", False)
     size, mean, std = cfg.image_size, cfg.mean, cfg.std
@@ -350,7 +353,7 @@ def _folder(cfg: ImageFolderData) -> DataSource:
                 return _image_folder(cfg.root, test_dir, eval_transform(size, mean, std), k)
 
     k = cfg.num_classes
-    return DataSource(
+    return ImageSource(
         "imagefolder",
         k,
         size,

@@ -1,8 +1,8 @@
-"""Interfaces of the data side. Protocols only."""
+"""Interfaces of the data side (docs/design.md section 3). Protocols only."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch.utils.data import Dataset
 
@@ -11,15 +11,26 @@ from torch.utils.data import Dataset
 class DataSource(Protocol):
     """A labelled image source with its normalization.
 
-    ``train(augment)`` and ``test()`` return datasets of ``(image [C, H, W] normalized,
-    label)``; ``test()`` is None when the source has no test split.
+    ``train(augment)`` and ``test()`` return datasets of ``(image [C, H, W] normalized with
+    ``mean`` and ``std``, label)``; ``test()`` is None when the source has no test split.
+    ``name`` is the dataset's name (``cifar10``, ``cifar100``, ``imagefolder``).
     """
 
-    num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    @property
+    def name(self) -> str: ...
 
-    def train(self, augment: bool = True) -> Dataset[tuple[object, int]]: ...
+    @property
+    def num_classes(self) -> int: ...
 
-    def test(self) -> Dataset[tuple[object, int]] | None: ...
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
+
+    def train(self, augment: bool = True) -> Dataset[Any]: ...
+
+    def test(self) -> Dataset[Any] | None: ...
