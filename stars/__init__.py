@@ -23,6 +23,8 @@ _LAZY = {
     "build_neuron": "stars.neurons",
     "build_synthesizer": "stars.synthesis",
     "KDDistiller": "stars.distill",
+    "synthesize_dataset": "stars.synth_cmd",
+    "export_run": "stars.synth_cmd",
 }
 
 __all__ = [
@@ -36,9 +38,11 @@ __all__ = [
     "build_student",
     "build_synthesizer",
     "build_teacher",
+    "export_run",
     "load_config",
     "load_teacher_config",
     "run_distill",
+    "synthesize_dataset",
     "train_teacher",
 ]
 

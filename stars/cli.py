@@ -201,16 +201,62 @@ def evaluate(
 @app.command()
 @user_errors
 def synthesize(
-    path: ConfigArg,
-    num: Annotated[int, typer.Option("--num", min=1, help="How many images to write.")] = 64,
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synthetic"),
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="YAML run config (not with --from-run).", show_default=False),
+    ] = None,
+    num: Annotated[
+        int | None,
+        typer.Option(
+            "--num",
+            help="Images, split evenly over the classes (default 64; with --from-run: a "
+            "class-balanced subset of the bank, default the whole bank).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder; appears whole or not at all.")
+    ] = Path("synthetic"),
+    steps: Annotated[
+        float,
+        typer.Option(
+            "--steps",
+            help="Factor on the method's own optimization budget: its warm-up batches and its "
+            "steps per batch (2 = twice as long, 0.5 = half).",
+        ),
+    ] = 1.0,
+    from_run: Annotated[
+        Path | None,
+        typer.Option("--from-run", help="Export the memory bank of this `stars distill` run."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Synthesize images from the teacher alone (no student) and write PNGs and a grid."""
-    from stars.synth_cmd import synthesize_images
+    """Write a synthetic dataset (ImageFolder, named grid, quality.json): synthesized from the
+    teacher alone to the method's budget, or a finished run's memory bank (--from-run)."""
+    from stars.synth_cmd import export_run, synthesize_dataset
 
+    if from_run is not None:
+        if path is not None or set_ or steps != 1.0:
+            raise StarsError(
+                "--from-run exports the run's bank with the run's own config.yaml; "
+                "drop CONFIG, --set and --steps"
+            )
+        export_run(from_run, out=out, num=num, overwrite=overwrite, console=console)
+        return
+    if path is None:
+        raise StarsError("give a run CONFIG to synthesize from, or --from-run RUN_DIR")
     cfg = load_config(path, set_ or [])
-    synthesize_images(cfg, num=num, out=out, console=console)
+    synthesize_dataset(
+        cfg,
+        num=64 if num is None else num,
+        out=out,
+        steps=steps,
+        overwrite=overwrite,
+        console=console,
+    )
 
 
 @app.command()

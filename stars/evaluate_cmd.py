@@ -22,6 +22,7 @@ from stars.models.io import load_model_weights, read_metadata
 from stars.models.students import build_student
 from stars.models.teachers import build_teacher_arch
 from stars.runtime import resolve_device
+from stars.synth_cmd import load_synthetic_set
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -61,8 +62,14 @@ def evaluate_checkpoint(
         model = build_student(cfg.student, num_classes=num_classes, image_size=size)
     load_model_weights(model, checkpoint, expect={"num_classes": num_classes})
     model = freeze(model).to(dev)
+    # A folder written by `stars synthesize` is evaluated as it is (labels from its folders).
+    synthetic = (
+        None
+        if data is None
+        else load_synthetic_set(data, cfg.data, num_classes=num_classes, image_size=size)
+    )
     try:
-        test = build_data(data_cfg).test()
+        test = synthetic if synthetic is not None else build_data(data_cfg).test()
     except DataError as exc:
         raise StarsError(f"{exc} (or pass --data PATH)") from None
     if test is None:
@@ -74,7 +81,8 @@ def evaluate_checkpoint(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("architecture", str(meta["arch"]))
-    table.add_row("test images", str(len(test)))  # type: ignore[arg-type]
+    what = "synthetic images (top-1 = agreement)" if synthetic is not None else "test images"
+    table.add_row(what, str(len(test)))  # type: ignore[arg-type]
     table.add_row("top-1 (%)", f"{result['top1']:.2f}")
     if kind == "student":
         stats = measure_spikes(model, (x for x, _ in loader), dev)

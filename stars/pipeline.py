@@ -19,7 +19,7 @@ import json
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +41,7 @@ from stars.config import (
     dump_yaml,
     load_config,
 )
+from stars.data.classes import class_names as dataset_class_names
 from stars.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -79,6 +80,7 @@ from stars.runtime import (
     resolve_device,
     seed_everything,
 )
+from stars.synthesis.export import save_labelled_grid
 from stars.synthesis.factory import AnySynthesizer, build_synthesizer
 from stars.synthesis.priors import extract_bn_prior
 from stars.synthesis.protocols import SynthesisStep, Synthesizer
@@ -375,11 +377,17 @@ def _skipped_images(ds: object) -> int:
 
 
 def save_grid(
-    pixels: Tensor, labels: Tensor, path: Path, *, per_class: int = 8, max_classes: int = 20
+    pixels: Tensor,
+    labels: Tensor,
+    path: Path,
+    *,
+    per_class: int = 8,
+    max_classes: int = 20,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """A PNG grid of uint8 images ``[N, C, H, W]`` (oldest first), one row per class
     (labels ``[N]``): the newest ``per_class`` images of each of up to ``max_classes``
-    classes."""
+    classes; with ``class_names`` (label order) each row is named in a left margin."""
     from torchvision.utils import save_image
 
     rows: list[Tensor] = []
@@ -392,6 +400,9 @@ def save_grid(
         rows.append(pick)
     if not rows:
         rows = [pixels[:per_class]]
+    elif class_names is not None:
+        names = [class_names[c] for c in classes]
+        return save_labelled_grid(torch.cat(rows), names, path, per_row=per_class)
     grid = torch.cat(rows).float() / 255.0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, str(path), nrow=per_class, padding=1)
@@ -401,7 +412,7 @@ def _bank_grid(comp: Components, path: Path) -> None:
     bank = comp.synthesizer.bank
     if len(bank) == 0:
         return
-    save_grid(bank.pixels(), bank.labels(), path)
+    save_grid(bank.pixels(), bank.labels(), path, class_names=dataset_class_names(comp.cfg.data))
 
 
 def _summary_table(summary: Mapping[str, Any], evaluation: Evaluation | None) -> Table:

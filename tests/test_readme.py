@@ -27,15 +27,22 @@ def test_python_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_command_in_the_readme_exists() -> None:
-    help_text = CliRunner().invoke(app, ["--help"]).output
-    config_help = CliRunner().invoke(app, ["config", "--help"]).output
+    """Every ``stars`` line of a bash block names a command, and its ``--options`` exist."""
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["--help"]).output
+    config_help = runner.invoke(app, ["config", "--help"]).output
     for block in _blocks("bash"):
         for line in block.splitlines():
-            words = line.split()
+            words = line.split("#")[0].split()
             if len(words) >= 2 and words[0] == "stars" and not words[1].startswith("-"):
                 assert words[1] in help_text, line
+                command = words[1:3] if words[1] == "config" else words[1:2]
                 if words[1] == "config":
                     assert words[2] in config_help, line
+                shown = runner.invoke(app, [*command, "--help"], terminal_width=200).output
+                options = set(re.findall(r"--[a-z][a-z0-9-]*", shown))
+                for opt in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line.split("#")[0]):
+                    assert opt in options, f"{line}: {opt} is not an option of {command}"
 
 
 def test_every_yaml_snippet_in_the_readme_is_a_valid_config() -> None:

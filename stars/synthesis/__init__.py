@@ -1,5 +1,5 @@
 """stars.synthesis: teacher priors, synthesis losses (with STARS' RCA and TAR), generators,
-synthesizers and the memory bank."""
+synthesizers, the memory bank and the quality report of a synthetic set."""
 
 from stars.synthesis.factory import build_synthesizer
 from stars.synthesis.generators import ConvGenerator, PixelGenerator
@@ -13,6 +13,7 @@ from stars.synthesis.priors import (
     extract_tail_prior,
 )
 from stars.synthesis.protocols import Generator, SynthesisStep, Synthesizer
+from stars.synthesis.quality import QualityReport, quality_report
 from stars.synthesis.synthesizers import (
     DAFLSynthesizer,
     DeepInversionSynthesizer,
@@ -31,6 +32,7 @@ __all__ = [
     "Generator",
     "MemoryBank",
     "PixelGenerator",
+    "QualityReport",
     "SynthesisObjective",
     "SynthesisStep",
     "Synthesizer",
@@ -39,4 +41,5 @@ __all__ = [
     "build_synthesizer",
     "extract_bn_prior",
     "extract_tail_prior",
+    "quality_report",
 ]
