@@ -151,3 +151,17 @@ def test_every_tap_is_a_tap() -> None:
     membrane: Tap[torch.Tensor] = MembraneTap([])
     for tap in (feature, stats, membrane):
         _check(tap, Tap)
+
+
+def test_both_generators_are_generators() -> None:
+    """mypy checks the assignments against ``Generator.__call__(z, y=None)``; the calls check
+    that each returns images of the batch's size."""
+    from stars.synthesis.generators import ConvGenerator, PixelGenerator
+    from stars.synthesis.protocols import Generator
+
+    conv: Generator = ConvGenerator(8, image_size=8, ngf=4, num_classes=4)
+    pixels: Generator = PixelGenerator(3, 3, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(3, 8)
+    assert conv(z).shape == (3, 3, 8, 8)
+    assert conv(z, torch.tensor([0, 1, 3])).shape == (3, 3, 8, 8)
+    assert pixels(z).shape == (3, 3, 8, 8)

@@ -54,9 +54,11 @@ class Tap(Protocol[_V_co]):
 
 @runtime_checkable
 class Generator(Protocol):
-    """``forward(z [N, nz], y [N]) -> images [N, C, H, W]`` in the normalized image space."""
+    """``forward(z [N, nz], y [N] | None) -> images [N, C, H, W]`` in the normalized image
+    space. ``y`` conditions a generator with class embeddings and may be left out; a
+    generator that is itself the images (DeepInversion's :class:`PixelGenerator`) ignores both."""
 
-    def __call__(self, z: Tensor, y: Tensor) -> Tensor: ...
+    def __call__(self, z: Tensor, y: Tensor | None = None) -> Tensor: ...
 
 
 @runtime_checkable
