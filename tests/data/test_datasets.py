@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from stars.config import CifarData, ImageFolderData
+from stars.data.classes import CIFAR10_CLASSES
 from stars.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -26,19 +27,6 @@ from stars.data.datasets import (
     build_data,
     eval_transform,
 )
-
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 
 
 def _write_image(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -385,7 +373,7 @@ def test_cifar10_imagefolder_subset(cifar_pc2: Path) -> None:
     assert test is not None
     assert isinstance(train, SkippingImageFolder)
     # alphabetical folder order equals CIFAR-10's label order, so labels match torchvision's
-    assert train.classes == CIFAR10_CLASSES
+    assert train.classes == list(CIFAR10_CLASSES)
     assert _len(train) == 20
     assert _len(test) == 20
     xb, yb = next(iter(DataLoader(train, batch_size=20)))
