@@ -21,8 +21,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
     Tag,
     ValidationError,
@@ -30,9 +28,24 @@ from pydantic import (
     model_validator,
 )
 
+from stars.config_base import Frozen as _Frozen
+from stars.config_base import NonNegFloat, PosFloat, PosInt, Probability
+from stars.config_base import kind_of as _kind_of
 from stars.errors import StarsError
+from stars.synthesis.methods import (
+    KINDS as SYNTHESIS_KINDS,
+)
+from stars.synthesis.methods import (
+    DAFLSynthesis,
+    DeepInversionSynthesis,
+    DFADSynthesis,
+    FastSynthesis,
+    MethodConfig,
+    SynthesisConfig,
+)
 
 __all__ = [
+    "SYNTHESIS_KINDS",
     "AdamOptimizer",
     "CifarData",
     "ConfigError",
@@ -46,6 +59,7 @@ __all__ = [
     "EvalConfig",
     "FastSynthesis",
     "ImageFolderData",
+    "MethodConfig",
     "NeuronConfig",
     "OneCycleSchedule",
     "OptimizerConfig",
@@ -74,34 +88,6 @@ __all__ = [
 class ConfigError(StarsError, ValueError):
     """A configuration problem the user can fix; the message says where and how."""
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-
-def _kind_of(default: str, tags: dict[str, str] | None = None) -> Discriminator:
-    """Discriminate a union on ``kind``; a missing ``kind`` means ``default``.
-
-    ``tags`` maps kinds to the tag of the member that carries several kinds
-    (``cifar10``/``cifar100`` -> ``cifar``).
-    """
-    mapping = tags or {}
-
-    def pick(value: Any) -> str:
-        kind = (
-            value.get("kind", default)
-            if isinstance(value, dict)
-            else getattr(value, "kind", default)
-        )
-        return mapping.get(str(kind), str(kind))
-
-    return Discriminator(pick)
-
-
-PosInt = Annotated[int, Field(ge=1)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
-Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 TeacherArch = Literal[
     "resnet20",
@@ -232,94 +218,6 @@ class StudentConfig(_Frozen):
 
 # ----------------------------------------------------------------------------- synthesis
 
-
-class _SynthesisCommon(_Frozen):
-    batch_size: PosInt = 256
-    """Images per synthesized batch."""
-    bn_weight: NonNegFloat = 10.0
-    """lambda_bn: BN statistics matching (DeepInversion)."""
-    oh_weight: NonNegFloat = 0.4
-    """lambda_oh: cross-entropy of the teacher on the sampled labels."""
-    memory_size: PosInt = 51200
-    """Images kept in the memory bank the student reads from (oldest dropped first)."""
-
-
-class DeepInversionSynthesis(_SynthesisCommon):
-    """DeepInversion (Yin et al., CVPR 2020): images optimized directly in pixel space."""
-
-    kind: Literal["deepinversion"] = "deepinversion"
-    iterations: PosInt = 2000
-    lr: PosFloat = 0.1
-    bn_weight: NonNegFloat = 10.0
-    oh_weight: NonNegFloat = 1.0
-    adv_weight: NonNegFloat = 0.0
-    """Adaptive DeepInversion's competition term; 0 is plain DeepInversion."""
-    tv_l1_weight: NonNegFloat = 0.0
-    tv_l2_weight: NonNegFloat = 2.5e-5
-    l2_weight: NonNegFloat = 3e-8
-    jitter: Annotated[int, Field(ge=0)] = 2
-    flip: bool = True
-    synthesize_first: bool = True
-    """DeepInversion's protocol: every batch (``distill.epochs x synthesis_steps_per_epoch``)
-    is synthesized before the first KD step, against the untrained student. ``false``
-    interleaves them as Fast does (``synthesis_steps_per_epoch`` batches, then the epoch's KD
-    steps), so that the student-dependent terms (``adv_weight``, STARS's RCA) see a student
-    that learns. Same budget either way."""
-
-
-class DAFLSynthesis(_SynthesisCommon):
-    """DAFL (Chen et al., ICCV 2019): a generator trained on one-hot, activation and
-    information-entropy losses."""
-
-    kind: Literal["dafl"] = "dafl"
-    nz: PosInt = 256
-    lr_g: PosFloat = 1e-3
-    g_steps: PosInt = 1
-    bn_weight: NonNegFloat = 0.0
-    oh_weight: NonNegFloat = 1.0
-    act_weight: NonNegFloat = 0.1
-    ie_weight: NonNegFloat = 5.0
-
-
-class DFADSynthesis(_SynthesisCommon):
-    """DFAD (Fang et al., 2019): a generator maximizing the teacher-student L1 discrepancy."""
-
-    kind: Literal["dfad"] = "dfad"
-    nz: PosInt = 256
-    lr_g: PosFloat = 1e-3
-    g_steps: PosInt = 1
-    bn_weight: NonNegFloat = 0.0
-    oh_weight: NonNegFloat = 0.0
-
-
-class FastSynthesis(_SynthesisCommon):
-    """Fast (Fang et al., AAAI 2022): a meta-learned generator, a few steps per batch from
-    the shared initialization, BN + CE + adversarial masked KL, and a memory bank."""
-
-    kind: Literal["fast"] = "fast"
-    nz: PosInt = 256
-    g_steps: PosInt = 10
-    lr_g: PosFloat = 4e-3
-    lr_z: PosFloat = 0.01
-    adv_weight: NonNegFloat = 1.1
-    bn_weight: NonNegFloat = 10.0
-    oh_weight: NonNegFloat = 0.4
-    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    """Momentum of the batch statistics used in BN matching (Fast's ``bn_mmt``); 0 = none."""
-    meta: bool = True
-    """Reptile-style meta update of the shared generator (Fast's ``is_maml``)."""
-    reset_l0: bool = True
-    warmup_epochs: Annotated[int, Field(ge=0)] = 20
-    """Epochs of synthesis without the adversarial term and without KD (Fast's ``warmup``)."""
-
-
-SynthesisConfig = Annotated[
-    Annotated[DeepInversionSynthesis, Tag("deepinversion")]
-    | Annotated[DAFLSynthesis, Tag("dafl")]
-    | Annotated[DFADSynthesis, Tag("dfad")]
-    | Annotated[FastSynthesis, Tag("fast")],
-    _kind_of("fast"),
-]
 
 # ----------------------------------------------------------------------------- STARS
 
@@ -746,10 +644,7 @@ _UNION_TAGS = {
     "cifar10",
     "cifar100",
     "imagefolder",
-    "deepinversion",
-    "dafl",
-    "dfad",
-    "fast",
+    *SYNTHESIS_KINDS,
     "sgd",
     "adam",
     "adamw",

@@ -34,8 +34,6 @@ from torch.utils.data import DataLoader, Subset
 
 from stars.config import (
     CifarData,
-    DeepInversionSynthesis,
-    FastSynthesis,
     ImageFolderData,
     RunConfig,
     dump_yaml,
@@ -81,10 +79,11 @@ from stars.runtime import (
     seed_everything,
 )
 from stars.synthesis.export import save_labelled_grid
-from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.factory import build_synthesizer
 from stars.synthesis.priors import extract_bn_prior
 from stars.synthesis.protocols import SynthesisStep, Synthesizer
 from stars.synthesis.spike_tar import SpikeTailTerm
+from stars.synthesis.synthesizers import SynthesizerBase
 from stars.tensorboard_log import log_grid
 
 __all__ = [
@@ -149,13 +148,14 @@ class Components:
 
 
 def warmup_epochs(cfg: RunConfig) -> int:
-    """Epochs without KD and without the adversarial terms (Fast's warm-up; 0 otherwise)."""
-    return cfg.synthesis.warmup_epochs if isinstance(cfg.synthesis, FastSynthesis) else 0
+    """Epochs without KD and without the adversarial terms (the method's
+    :attr:`~stars.synthesis.methods.MethodConfig.kd_warmup_epochs`: Fast's warm-up)."""
+    return cfg.synthesis.kd_warmup_epochs
 
 
 def synthesizer_for(
     cfg: RunConfig, teacher: Teacher, geo: DataGeometry, device: torch.device
-) -> AnySynthesizer:
+) -> SynthesizerBase:
     """The configured synthesizer around ``teacher`` (with the STARS plug-in)."""
     return build_synthesizer(
         cfg.synthesis,
@@ -620,8 +620,7 @@ def run_distill(
     teacher_top1: float | None = extra.get("teacher_top1")
     t0 = time.time()
     d = cfg.distill
-    synth_cfg = cfg.synthesis
-    upfront = isinstance(synth_cfg, DeepInversionSynthesis) and synth_cfg.synthesize_first
+    upfront = cfg.synthesis.synthesize_upfront
     warm = warmup_epochs(cfg)
     last_eval: Evaluation | None = None
 

@@ -57,8 +57,8 @@ from stars.synthesis.export import (
     take,
     write_image_folder,
 )
-from stars.synthesis.factory import AnySynthesizer
 from stars.synthesis.quality import QualityReport, quality_report, quality_tables
+from stars.synthesis.synthesizers import SynthesizerBase
 
 __all__ = [
     "GRID_FILE",
@@ -140,7 +140,7 @@ def synthesize_dataset(
         seed_everything(cfg.seed)
         teacher = _teacher(cfg, device)
         synth = synthesizer_for(budget_config(cfg, plan), teacher, geo, device)
-        synth.ctx.store = False
+        synth.store = False
         console.print(describe_split(quotas, names), soft_wrap=True)
         console.print(f"{cfg.synthesis.kind}: {plan.describe()}", soft_wrap=True)
         pixels, labels, made = _fill_quotas(
@@ -161,7 +161,7 @@ def synthesize_dataset(
 
 
 def _fill_quotas(
-    synth: AnySynthesizer,
+    synth: SynthesizerBase,
     plan: Budget,
     quotas: list[int],
     names: tuple[str, ...],

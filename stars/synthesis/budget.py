@@ -11,11 +11,12 @@ run, so it gives each method the budget its config describes before any image is
 - DAFL and DFAD: their persistent generator is trained for as many calls as a distill run
   makes (``distill.epochs x distill.synthesis_steps_per_epoch``, images dropped), then
   ``synthesis.g_steps`` steps for every kept batch.
-- A method added later: no warm-up, and its ``g_steps`` or ``iterations`` per batch.
+- Any other method: what its config's hooks say
+  (:meth:`~stars.synthesis.methods.MethodConfig.teacher_only_warmup`,
+  :attr:`~stars.synthesis.methods.MethodConfig.steps_field`): by default no warm-up.
 
 ``scale`` (``stars synthesize --steps``) multiplies both numbers (warm-up batches rounded
-up, steps per batch rounded, at least 1). The logic is keyed on the config type, so the
-synthesizers stay unchanged.
+up, steps per batch rounded, at least 1).
 """
 
 from __future__ import annotations
@@ -23,13 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from stars.config import (
-    DAFLSynthesis,
-    DeepInversionSynthesis,
-    DFADSynthesis,
-    FastSynthesis,
-    RunConfig,
-)
+from stars.config import RunConfig
 from stars.errors import StarsError
 
 __all__ = ["Budget", "budget_config", "method_budget"]
@@ -81,23 +76,8 @@ def method_budget(cfg: RunConfig, scale: float = 1.0) -> Budget:
     if not (math.isfinite(scale) and scale > 0):
         raise StarsError(f"--steps must be a positive number (a factor), got {scale}")
     syn, per_epoch = cfg.synthesis, cfg.distill.synthesis_steps_per_epoch
-    match syn:
-        case FastSynthesis():
-            warm, steps, field = syn.warmup_epochs * per_epoch, syn.g_steps, "g_steps"
-        case DeepInversionSynthesis():
-            warm, steps, field = 0, syn.iterations, "iterations"
-        case DAFLSynthesis() | DFADSynthesis():
-            if isinstance(syn, DFADSynthesis) and syn.bn_weight == 0 and syn.oh_weight == 0:
-                raise StarsError(
-                    "synthesis.kind dfad learns only against a student (bn_weight and "
-                    "oh_weight are 0), so it cannot synthesize from the teacher alone; set "
-                    "--set synthesis.bn_weight=10 (or oh_weight), or export a finished run's "
-                    "memory bank with --from-run RUN_DIR"
-                )
-            warm, steps, field = cfg.distill.epochs * per_epoch, syn.g_steps, "g_steps"
-        case _:  # a method added later: its own steps per batch, no warm-up
-            field = next((f for f in ("g_steps", "iterations") if hasattr(syn, f)), None)
-            warm, steps = 0, int(getattr(syn, field)) if field else 1
+    warm = syn.teacher_only_warmup(epochs=cfg.distill.epochs, per_epoch=per_epoch)
+    steps, field = syn.steps_per_batch, syn.steps_field
     return Budget(
         warmup_batches=_scaled_batches(warm, scale),
         steps_per_batch=_scaled_steps(steps, scale),

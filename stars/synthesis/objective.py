@@ -34,6 +34,7 @@ from stars.synthesis.priors import (
     extract_tail_prior,
 )
 from stars.synthesis.spike_tar import SpikeTailTerm
+from stars.synthesis.weights import TermWeights
 
 __all__ = ["ObjectiveOutput", "SynthesisObjective", "TermWeights", "frozen"]
 
@@ -55,25 +56,6 @@ def _subset(prior: TailPrior, chosen: tuple[int, ...] | None) -> TailPrior:
         return prior
     idx = _indices(chosen, len(prior.layers))
     return TailPrior(tuple(prior.layers[i] for i in idx), prior.source, prior.levels)
-
-
-@dataclass(frozen=True)
-class TermWeights:
-    """Weights of the baseline terms (the STARS weights live in :class:`StarsConfig`)."""
-
-    bn: float = 0.0
-    oh: float = 0.0
-    adv: float = 0.0
-    """Fast/CMI masked KL (the generator maximizes the disagreement)."""
-    dfad: float = 0.0
-    """DFAD: the generator maximizes ``mean |t - s|``."""
-    act: float = 0.0
-    ie: float = 0.0
-    tv_l1: float = 0.0
-    tv_l2: float = 0.0
-    l2: float = 0.0
-    pseudo_labels: bool = False
-    """DAFL: the class term uses the teacher's own argmax instead of sampled labels."""
 
 
 @dataclass

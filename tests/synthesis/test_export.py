@@ -36,7 +36,8 @@ from stars.synthesis.export import (
     take,
     write_image_folder,
 )
-from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.factory import build_synthesizer
+from stars.synthesis.synthesizers import SynthesizerBase
 
 PROPS = examples(100)
 
@@ -116,7 +117,7 @@ def test_take_keeps_in_order_while_a_class_needs_images() -> None:
     assert need == [0, 0, 0]
 
 
-def _tiny_fast() -> AnySynthesizer:
+def _tiny_fast() -> SynthesizerBase:
     torch.manual_seed(0)
     teacher = freeze(CifarResNet(8, num_classes=4, image_size=16))
     return build_synthesizer(

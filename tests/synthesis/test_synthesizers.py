@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 
 from stars.config import (
@@ -28,8 +29,11 @@ from stars.models.factory import freeze
 from stars.models.protocols import Network, SpikingStudent, Teacher
 from stars.models.students import build_student
 from stars.models.teachers import CifarResNet
-from stars.synthesis.factory import AnySynthesizer, build_synthesizer
+from stars.synthesis.factory import build_synthesizer
+from stars.synthesis.methods import KINDS as REGISTERED
+from stars.synthesis.methods import METHODS
 from stars.synthesis.objective import frozen
+from stars.synthesis.synthesizers import SynthesizerBase
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SIZE, K = 16, 4
@@ -90,7 +94,7 @@ def build(
     seed: int = 0,
     teacher: Teacher | None = None,
     student_vth: float | None = None,
-) -> AnySynthesizer:
+) -> SynthesizerBase:
     return build_synthesizer(
         cfg,
         stars,
@@ -107,8 +111,8 @@ def build(
 
 def make(
     kind: str, stars: StarsConfig = StarsConfig(), seed: int = 0, teacher: Teacher | None = None
-) -> AnySynthesizer:
-    return build(CASES[kind], stars, seed, teacher, student_vth=1.0)
+) -> SynthesizerBase:
+    return build(tiny_case(kind), stars, seed, teacher, student_vth=1.0)
 
 
 def snapshot(m: Network) -> dict[str, torch.Tensor]:
@@ -122,7 +126,28 @@ def hook_count(m: Network) -> int:
     )
 
 
-KINDS = sorted(CASES)
+def tiny_case(kind: str) -> SynthesisConfig:
+    """The tiny config of a registered kind: :data:`CASES`'s, or, for a method registered
+    without an entry there, its defaults at this file's sizes (batch 6, 4 steps per batch, a
+    16-d latent, no warm-up)."""
+    if kind in CASES:
+        return CASES[kind]
+    method = METHODS[kind]
+    fields = method.model_fields
+    update: dict[str, Any] = {"batch_size": 6, "memory_size": 64}
+    if method.steps_field is not None:
+        update[method.steps_field] = 4
+    update |= {k: v for k, v in (("nz", 16), ("warmup_epochs", 0)) if k in fields}
+    return TypeAdapter(SynthesisConfig).validate_python({"kind": kind, **update})
+
+
+KINDS = list(REGISTERED)
+
+
+def test_every_registered_kind_is_covered() -> None:
+    assert set(CASES) <= set(KINDS)
+    for kind in KINDS:
+        assert tiny_case(kind).kind == kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
