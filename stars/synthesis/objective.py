@@ -11,11 +11,10 @@ a baseline run logs the TAR and RCA values it would have had.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -34,28 +33,25 @@ from stars.synthesis.priors import (
     extract_tail_prior,
 )
 from stars.synthesis.spike_tar import SpikeTailTerm
+from stars.synthesis.terms import (
+    AdversarialTerm,
+    BNTerm,
+    ClassTerm,
+    DFADTerm,
+    FunctionTerm,
+    RCATerm,
+    SpikeTARTerm,
+    TARTerm,
+    Term,
+    TermBatch,
+    subset_prior,
+)
 from stars.synthesis.weights import TermWeights
 
 __all__ = ["ObjectiveOutput", "SynthesisObjective", "TermWeights", "frozen"]
 
 Stats = tuple[Tensor, Tensor]
 _Net = TypeVar("_Net", bound=Network)
-
-
-def _indices(chosen: tuple[int, ...], n: int) -> list[int]:
-    """Layer indices (negative from the end) as non-negative ones; out of range is an error."""
-    out = [i + n if i < 0 else i for i in chosen]
-    bad = [c for c, i in zip(chosen, out, strict=True) if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"stars.tar.layers {bad} out of range for {n} BN layers")
-    return out
-
-
-def _subset(prior: TailPrior, chosen: tuple[int, ...] | None) -> TailPrior:
-    if chosen is None:
-        return prior
-    idx = _indices(chosen, len(prior.layers))
-    return TailPrior(tuple(prior.layers[i] for i in idx), prior.source, prior.levels)
 
 
 @dataclass
@@ -72,21 +68,9 @@ class ObjectiveOutput:
 def rca_calibration_due(
     objective: SynthesisObjective, terms: Mapping[str, Tensor], x: Tensor
 ) -> bool:
-    """Whether this step calibrates lambda_rca: asked for, not done yet (or
-    ``recalibrate_every`` steps since the last time), RCA on and measured with a graph to the
-    images (not under ``no_grad``)."""
-    rca = terms.get("rca")
-    every = objective.stars.rca.recalibrate_every
-    return (
-        (not objective.rca_calibrated or (every is not None and objective.rca_age >= every))
-        and objective.stars.rca.weight > 0
-        and rca is not None
-        and rca.requires_grad
-        and terms["bn"].requires_grad
-        and x.requires_grad
-        and objective.weights.bn > 0
-        and objective.scale > 0
-    )
+    """Whether this step calibrates lambda_rca (:meth:`~stars.synthesis.terms.RCATerm.
+    calibration_due`, with the schedule's factor not 0)."""
+    return objective.rca.calibration_due(terms, x, objective.weights.bn) and objective.scale > 0
 
 
 @contextmanager
@@ -110,7 +94,8 @@ def frozen(model: _Net) -> Iterator[_Net]:
 
 
 class SynthesisObjective:
-    """Computes ``L_G`` for a batch of images.
+    """Computes ``L_G`` for a batch of images, iterating its :attr:`terms`
+    (:mod:`stars.synthesis.terms`) in order.
 
     Args:
         teacher: a frozen teacher (``forward_features`` and ``bn_layers()``).
@@ -136,39 +121,102 @@ class SynthesisObjective:
         self.weights = weights
         self.stars = stars
         self.student_vth = student_vth
-        self.bn_momentum = bn_momentum
         self.measure_inactive = measure_inactive
         # bf16 autocast for the teacher and student forwards; fp16 would need a grad scaler
         # per generator optimizer, so synthesis stays fp32 under ``precision: fp16``.
         self.precision = precision if precision == "bf16" else "fp32"
         self.bn_layers: list[nn.Module] = list(teacher.bn_layers())
-        self.bn_prior: BNPrior = extract_bn_prior(self.bn_layers)
-        self.tail_prior: TailPrior | None = None
+        bn_prior = extract_bn_prior(self.bn_layers)
+        tail_prior: TailPrior | None = None
         if stars.tar.site == "teacher":
-            self.tail_prior = _subset(
-                extract_tail_prior(self.bn_prior, stars.tar, student_vth=student_vth),
+            tail_prior = subset_prior(
+                extract_tail_prior(bn_prior, stars.tar, student_vth=student_vth),
                 stars.tar.layers,
             )
-        self.spike = SpikeTailTerm(stars.spike_tar, self.bn_prior)
-        """Spike-aware TAR (``stars.spike_tar``)."""
+        self.bn = BNTerm(weights.bn, bn_prior, bn_momentum)
+        self.rca = RCATerm(stars.rca)
+        self.tar = TARTerm(stars.tar, tail_prior, student_vth)
+        self.spike = SpikeTailTerm(stars.spike_tar, bn_prior)
+        """Spike-aware TAR's maps and pairing (``stars.spike_tar``)."""
+        w = weights
+        functions = [
+            FunctionTerm(name, weight)
+            for name, weight in (
+                ("act", w.act),
+                ("ie", w.ie),
+                ("tv_l1", w.tv_l1),
+                ("tv_l2", w.tv_l2),
+                ("l2", w.l2),
+            )
+            if weight
+        ]
+        self.terms: list[Term] = [
+            self.bn,
+            ClassTerm(w.oh, pseudo_labels=w.pseudo_labels),
+            *functions,
+            SpikeTARTerm(stars.spike_tar, self.spike),
+            *([AdversarialTerm(w.adv)] if w.adv else []),
+            *([DFADTerm(w.dfad)] if w.dfad else []),
+            self.rca,
+            self.tar,
+        ]
+        """Every term, in the order the total adds them (phases in order: teacher,
+        student-tap, student, relation)."""
         self.scale = 1.0
         """``stars.schedule``'s factor on the STARS weights at the current epoch."""
-        self.momentum_state: list[Stats] | None = None
-        self.rca_weight: float = stars.rca.weight
+
+    # The state the synthesizers, checkpoints and tests read, kept where it was.
+    @property
+    def bn_prior(self) -> BNPrior:
+        return self.bn.prior
+
+    @property
+    def tail_prior(self) -> TailPrior | None:
+        return self.tar.prior
+
+    @property
+    def bn_momentum(self) -> float:
+        return self.bn.momentum
+
+    @property
+    def momentum_state(self) -> list[Stats] | None:
+        return self.bn.momentum_state
+
+    @momentum_state.setter
+    def momentum_state(self, value: list[Stats] | None) -> None:
+        self.bn.momentum_state = value
+
+    @property
+    def rca_weight(self) -> float:
         """lambda_rca in effect: ``stars.rca.weight``, or the calibrated value once
         ``stars.rca.grad_ratio`` has been applied (:attr:`rca_calibrated`)."""
-        self.rca_calibrated = False
-        self.rca_age = 0
+        return self.rca.rca_weight
+
+    @rca_weight.setter
+    def rca_weight(self, value: float) -> None:
+        self.rca.rca_weight = value
+
+    @property
+    def rca_calibrated(self) -> bool:
+        return self.rca.calibrated
+
+    @rca_calibrated.setter
+    def rca_calibrated(self, value: bool) -> None:
+        self.rca.calibrated = value
+
+    @property
+    def rca_age(self) -> int:
         """Generator steps since lambda_rca was last calibrated (``recalibrate_every``)."""
+        return self.rca.age
+
+    @rca_age.setter
+    def rca_age(self, value: int) -> None:
+        self.rca.age = value
 
     def to(self, device: torch.device) -> SynthesisObjective:
-        """Move the priors to ``device``."""
-        self.bn_prior = self.bn_prior.to(device)
-        if self.tail_prior is not None:
-            self.tail_prior = self.tail_prior.to(device)
-        if self.momentum_state is not None:
-            self.momentum_state = [(m.to(device), v.to(device)) for m, v in self.momentum_state]
-        self.spike.to(device)
+        """Move the priors and the terms' state to ``device``."""
+        for term in self.terms:
+            term.to(device)
         return self
 
     def set_epoch(self, epoch: int) -> None:
@@ -177,23 +225,22 @@ class SynthesisObjective:
 
     @property
     def needs_student(self) -> bool:
-        w, s = self.weights, self.stars
-        return (
-            w.adv > 0
-            or w.dfad > 0
-            or s.rca.weight > 0
-            or s.tar.site == "student"
-            or s.spike_tar.weight > 0
-        )
+        return any(term.needs_student() for term in self.terms)
 
     def update_momentum(self, stats: list[Stats]) -> None:
         """Fast: fold a finished batch's statistics into the running estimate."""
-        if self.bn_momentum <= 0:
-            return
-        detached = [(m.detach(), v.detach()) for m, v in stats]
-        self.momentum_state = L.momentum_stats(
-            detached, self.momentum_state, momentum=self.bn_momentum
-        )
+        self.bn.update(stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every term's state (Fast's momentum statistics, RCA's calibrated weight)."""
+        state: dict[str, Any] = {}
+        for term in self.terms:
+            state |= term.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for term in self.terms:
+            term.load_state_dict(state)
 
     def __call__(
         self,
@@ -213,152 +260,72 @@ class SynthesisObjective:
         ``calibrate``: this call may calibrate lambda_rca (``stars.rca.grad_ratio``); a
         measurement (:meth:`grad_norms`) does not.
         """
-        w, cfg = self.weights, self.stars
         with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
             t_feats, t_logits = self.teacher.forward_features(x)
             acts = [tap[m] for m in self.bn_layers]
-        stats = [batch_stats(a) for a in acts]
+        b = TermBatch(
+            x=x,
+            y=y,
+            t_feats=t_feats,
+            t_logits=t_logits,
+            acts=acts,
+            stats=[batch_stats(a) for a in acts],
+            scale=self.scale,
+            grad_inactive=grad_inactive,
+        )
         terms: dict[str, Tensor] = {}
         active: dict[str, float] = {}
+        measure = self.measure_inactive
 
-        def add(name: str, value: Tensor, weight: float) -> None:
-            terms[name] = value
-            if weight != 0.0:
-                active[name] = weight
+        def run(phase: str) -> None:
+            for term in self.terms:
+                if term.phase != phase:
+                    continue
+                values = term.compute(b, measure)
+                terms.update(values)
+                weight = term.weight(b.scale)
+                if term.name in values and weight != 0.0:
+                    active[term.name] = weight
 
-        add(
-            "bn",
-            L.bn_matching(
-                stats, self.bn_prior, previous=self.momentum_state, momentum=self.bn_momentum
-            ),
-            w.bn,
-        )
-        targets = t_logits.argmax(1).detach() if w.pseudo_labels else y
-        add("oh", L.class_cross_entropy(t_logits, targets), w.oh)
-        if w.act:
-            add("act", L.dafl_activation(t_feats), w.act)
-        if w.ie:
-            add("ie", L.dafl_information_entropy(t_logits), w.ie)
-        if w.tv_l1:
-            add("tv_l1", L.total_variation(x, p=1), w.tv_l1)
-        if w.tv_l2:
-            add("tv_l2", L.total_variation(x, p=2), w.tv_l2)
-        if w.l2:
-            add("l2", L.image_l2(x), w.l2)
-
-        s_feats: Tensor | None = None
-        s_logits: Tensor | None = None
-        s_acts: list[Tensor] = []
+        run("teacher")
         if student is not None and student_active and self.needs_student:
-            s_bns = list(student.bn_layers()) if cfg.tar.site == "student" else []
-            if cfg.tar.site == "student" and cfg.tar.layers is not None:
-                s_bns = [s_bns[i] for i in _indices(cfg.tar.layers, len(s_bns))]
-            spike_w = cfg.spike_tar.weight * self.scale
-            neurons: list[nn.Module] = []
+            s_bns = [m for term in self.terms for m in term.student_bn_layers(student)]
             listed = getattr(student, "spiking_neurons", None)
-            if spike_w > 0 or (self.measure_inactive and callable(listed)):
+            wanted = any(
+                t.wants_neurons(self.scale, measure and callable(listed)) for t in self.terms
+            )
+            if wanted:
                 if not callable(listed):
                     raise TypeError("stars.spike_tar needs a student with spiking_neurons()")
-                neurons = [m for _, m in listed()]
+                b.neurons = [m for _, m in listed()]
             with (
                 FeatureTap(s_bns) as s_tap,
-                MembraneTap(self.spike.tapped(neurons) if neurons else []) as m_tap,
+                MembraneTap(self.spike.tapped(b.neurons) if b.neurons else []) as m_tap,
                 autocast(x.device, self.precision),
             ):
                 s_feats_seq, s_logits_seq = student.forward_features(x)
-                s_acts = [s_tap[m] for m in s_bns]
-                s_feats, s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
-                if neurons:
-                    # ---- STARS: spike-aware TAR (the potentials are read inside the tap)
-                    with torch.set_grad_enabled(
-                        (spike_w > 0 or grad_inactive) and torch.is_grad_enabled()
-                    ):
-                        adversarial = cfg.spike_tar.role == "adversarial"
-                        gate = (
-                            L.agreement_mask(t_logits, s_logits).float()
-                            if adversarial and cfg.spike_tar.gate
-                            else None
-                        )
-                        value = self.spike.loss(dict(enumerate(acts)), m_tap, neurons, gate=gate)
-                    add("spike_tar", -value if adversarial else value, spike_w)
-            if w.adv:
-                add("adv", L.adversarial_masked_kl(t_logits, s_logits), w.adv)
-            if w.dfad:
-                add("dfad", -L.dfad_l1(t_logits, s_logits), w.dfad)
+                b.student = student
+                b.s_acts = [s_tap[m] for m in s_bns]
+                b.s_feats, b.s_logits = L.time_mean(s_feats_seq), L.time_mean(s_logits_seq)
+                b.membranes = m_tap
+                run("student-tap")
+            b.membranes = None
+            run("student")
+        run("relation")
 
-        # ---- STARS: RCA
-        if s_feats is not None and s_logits is not None:
-            use_logits = cfg.rca.features == "logits"
-            z_t = t_logits if use_logits else t_feats
-            z_s = s_logits if use_logits else s_feats
-            rca_w = self.rca_weight * self.scale
-            if rca_w > 0 or self.measure_inactive:
-                with torch.set_grad_enabled(
-                    (rca_w > 0 or grad_inactive) and torch.is_grad_enabled()
-                ):
-                    if cfg.rca.role == "adversarial":
-                        rca = L.rca_adversarial(z_t, z_s, t_logits, s_logits, delta=cfg.rca.delta)
-                    else:
-                        rca = L.rca_loss(z_t, z_s, delta=cfg.rca.delta)
-                add("rca", rca, rca_w)
-
-        # ---- STARS: TAR
-        tar_w = cfg.tar.weight * self.scale
-        if tar_w > 0 or self.measure_inactive:
-            prior, feats = self.tail_prior, acts
-            if cfg.tar.layers is not None:
-                feats = [acts[i] for i in _indices(cfg.tar.layers, len(acts))]
-            if cfg.tar.site == "student":
-                prior, feats = None, s_acts
-                if student is not None and s_acts:
-                    s_prior = extract_bn_prior(student.bn_layers())
-                    prior = _subset(
-                        extract_tail_prior(
-                            s_prior.to(x.device), cfg.tar, student_vth=self.student_vth
-                        ),
-                        cfg.tar.layers,
-                    )
-            if prior is not None:
-                with torch.set_grad_enabled(
-                    (tar_w > 0 or grad_inactive) and torch.is_grad_enabled()
-                ):
-                    tar, exceed = L.tar_loss_with_exceedances(feats, prior)
-                add("tar", tar, tar_w)
-                # Saturation check: the share of (layer, kappa, channel) whose soft exceedance
-                # is ~0 or ~1, i.e. whose sigmoids give (almost) no gradient to the images.
-                with torch.no_grad():
-                    flat = torch.cat([e.detach().flatten() for e in exceed])
-                    stuck = (flat < 1e-4) | (flat > 1 - 1e-4)
-                    terms["tar_saturated"] = stuck.float().mean()
-
-        if calibrate and cfg.rca.grad_ratio is not None:
+        if calibrate and self.stars.rca.grad_ratio is not None:
             if rca_calibration_due(self, terms, x):
-                active["rca"] = self._calibrate_rca(terms["bn"], terms["rca"], x) * self.scale
+                active["rca"] = (
+                    self.rca.calibrate(terms["bn"], terms["rca"], x, self.weights.bn) * self.scale
+                )
             elif self.rca_calibrated and x.requires_grad:
-                self.rca_age += 1
-        if cfg.rca.grad_ratio is not None:
+                self.rca.age += 1
+        if self.stars.rca.grad_ratio is not None:
             terms["rca_weight"] = torch.tensor(self.rca_weight)
         total = torch.zeros((), device=x.device)
         for name, weight in active.items():
             total = total + weight * terms[name]
-        return ObjectiveOutput(total, terms, t_logits, stats)
-
-    def _calibrate_rca(self, bn: Tensor, rca: Tensor, x: Tensor) -> float:
-        """Set :attr:`rca_weight` so that ``|d(w rca)/dx| = grad_ratio * |d(l_bn bn)/dx|``.
-
-        Left uncalibrated (retried at the next step) while RCA has no gradient yet: fewer
-        than two samples on which teacher and student agree."""
-        ratio = self.stars.rca.grad_ratio
-        assert ratio is not None
-        (g_bn,) = torch.autograd.grad(bn * self.weights.bn, x, retain_graph=True, allow_unused=True)
-        (g_rca,) = torch.autograd.grad(rca, x, retain_graph=True, allow_unused=True)
-        n_bn = 0.0 if g_bn is None else float(g_bn.norm())
-        n_rca = 0.0 if g_rca is None else float(g_rca.norm())
-        if n_rca > 0 and n_bn > 0 and math.isfinite(n_bn / n_rca):
-            self.rca_weight = ratio * n_bn / n_rca
-            self.rca_calibrated = True
-            self.rca_age = 1
-        return self.rca_weight
+        return ObjectiveOutput(total, terms, t_logits, b.stats)
 
     def grad_norms(
         self, x: Tensor, y: Tensor, student: SpikingStudent | None
@@ -372,19 +339,12 @@ class SynthesisObjective:
                 out = self(x, y, student, grad_inactive=True, calibrate=False)
         else:
             out = self(x, y, student, grad_inactive=True, calibrate=False)
-        weights = {
-            "bn": self.weights.bn,
-            "oh": self.weights.oh,
-            "adv": self.weights.adv,
-            "rca": self.rca_weight or 1.0,
-            "tar": self.stars.tar.weight or 1.0,
-            "spike_tar": self.stars.spike_tar.weight or 1.0,
-        }
         norms: dict[str, float] = {}
-        for name, weight in weights.items():
-            term = out.terms.get(name)
-            if term is None or not term.requires_grad or weight == 0:
+        for term in self.terms:
+            weight = term.grad_weight()
+            value = out.terms.get(term.name)
+            if value is None or not value.requires_grad or weight == 0:
                 continue
-            (g,) = torch.autograd.grad(term * weight, x, retain_graph=True, allow_unused=True)
-            norms[name] = 0.0 if g is None else float(g.norm())
+            (g,) = torch.autograd.grad(value * weight, x, retain_graph=True, allow_unused=True)
+            norms[term.name] = 0.0 if g is None else float(g.norm())
         return norms

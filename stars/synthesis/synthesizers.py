@@ -131,11 +131,7 @@ class SynthesisContext:
             "epoch": self.epoch,
             "calls": self.calls,
         }
-        if self.objective.momentum_state is not None:
-            state["bn_momentum"] = [(m.cpu(), v.cpu()) for m, v in self.objective.momentum_state]
-        if self.objective.rca_calibrated:
-            state["rca_weight"] = self.objective.rca_weight
-            state["rca_age"] = self.objective.rca_age
+        state |= self.objective.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -143,14 +139,7 @@ class SynthesisContext:
         self.rng.set_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.calls = int(state["calls"])
-        mmt = state.get("bn_momentum")
-        self.objective.momentum_state = (
-            None if mmt is None else [(m.to(self.device), v.to(self.device)) for m, v in mmt]
-        )
-        if "rca_weight" in state:
-            self.objective.rca_weight = float(state["rca_weight"])
-            self.objective.rca_calibrated = True
-            self.objective.rca_age = int(state.get("rca_age", 0))
+        self.objective.load_state_dict(state)
 
 
 def step_value(total: Tensor) -> float:
