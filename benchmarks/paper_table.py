@@ -44,10 +44,16 @@ from stars.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "paper_table"
-FAMILIES: dict[str, tuple[str, ...]] = {
+VARIANTS_OF: dict[str, tuple[str, ...]] = {
     "fast": ("baseline", "rca", "tar", "spike", "stars"),
     "deepinversion": ("baseline", "stars"),
 }
+"""A family's variants where it has more than baseline vs + STARS."""
+FAMILIES: dict[str, tuple[str, ...]] = {
+    path.stem: VARIANTS_OF.get(path.stem, ("baseline", "spike", "stars"))
+    for path in sorted(CONFIGS.glob("*.yaml"))
+}
+"""Every family file in benchmarks/paper_table/ (a new one needs no edit here)."""
 DIAGNOSTIC_KEYS = (
     "synthesis/bn",
     "synthesis/oh",

@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 __all__ = [
     "KINDS",
     "METHODS",
+    "CMISynthesis",
     "DAFLSynthesis",
     "DFADSynthesis",
     "DeepInversionSynthesis",
     "FastSynthesis",
     "MethodConfig",
+    "NAYERSynthesis",
     "SynthesisConfig",
 ]
 
@@ -270,11 +272,135 @@ class FastSynthesis(MethodConfig):
         return self.warmup_epochs * per_epoch
 
 
+class CMISynthesis(MethodConfig):
+    """CMI (Fang et al., "Contrastive Model Inversion for Data-Free Knowledge Transfer",
+    IJCAI 2021): a generator re-initialized for every batch and optimized with its latent on
+    BN + CE + adversarial terms plus a contrastive term (InfoNCE over the teacher's BN-input
+    instance means of a local vs a global crop, against a bank of earlier batches' features,
+    through a projection head trained alongside). Defaults: the reference code's CIFAR-10
+    from-scratch script (``scripts/cmi/scratch_cmi_cifar10_wrn402_wrn161.sh``)."""
+
+    kind: Literal["cmi"] = "cmi"
+    nz: PosInt = 256
+    iterations: PosInt = 200
+    """Generator steps per batch, from a fresh generator and latent (CMI's ``g_steps``)."""
+    lr_g: PosFloat = 1e-3
+    """Adam learning rate of the generator and of the latent (betas 0.5/0.999)."""
+    bn_weight: NonNegFloat = 1.0
+    oh_weight: NonNegFloat = 1.0
+    adv_weight: NonNegFloat = 0.5
+    """The adversarial masked KL against the student (CMI's ``adv``)."""
+    cr_weight: NonNegFloat = 0.8
+    """lambda_cr: the contrastive term (0: CMI's inversion loss alone)."""
+    cr_temperature: PosFloat = 0.1
+    """tau of the contrastive InfoNCE (CMI's ``cr_T``)."""
+    head_dim: PosInt = 256
+    """Output size of the projection head."""
+    lr_head: PosFloat | None = None
+    """Adam learning rate of the projection head; None: ``lr_g`` (as CMI)."""
+    feature_bank_size: PosInt = 40960
+    """(local, global) feature pairs of earlier batches kept as negatives (CMI's
+    ``bank_size``)."""
+    n_negatives: PosInt = 4096
+    """Cached pairs drawn from the feature bank per step (CMI's ``n_neg``)."""
+
+    steps_field: ClassVar[str | None] = "iterations"
+
+    def term_weights(self) -> TermWeights:
+        return TermWeights(bn=self.bn_weight, oh=self.oh_weight, adv=self.adv_weight)
+
+    def build(self, ctx: SynthesisContext) -> SynthesizerBase:
+        from stars.synthesis.methods.cmi import CMISynthesizer
+
+        return CMISynthesizer(
+            ctx,
+            nz=self.nz,
+            lr_g=self.lr_g,
+            iterations=self.iterations,
+            cr_weight=self.cr_weight,
+            cr_temperature=self.cr_temperature,
+            head_dim=self.head_dim,
+            feature_bank_size=self.feature_bank_size,
+            n_negatives=self.n_negatives,
+            lr_head=self.lr_head,
+        )
+
+
+class NAYERSynthesis(MethodConfig):
+    """NAYER (Tran et al., "NAYER: Noisy Layer Data Generation for Efficient and Effective
+    Data-free Knowledge Distillation", CVPR 2024): class embeddings through a noisy layer
+    redrawn for every batch into a generator body kept across batches, a few steps per batch
+    on BN + CE + adversarial masked KL (stars/synthesis/methods/nayer.py; the class
+    embeddings stand in for NAYER's CLIP text features). Defaults: the reference code's
+    CIFAR-10 script (``scripts/nayer_100.sh``: g_steps 30, 40 for CIFAR-100)."""
+
+    kind: Literal["nayer"] = "nayer"
+    batch_size: PosInt = 400
+    g_steps: PosInt = 30
+    """Generator steps per batch, from freshly drawn noisy layers."""
+    lr_g: PosFloat = 4e-3
+    """Adam learning rate of the generator (betas 0.5/0.999, a fresh optimizer per batch)."""
+    bn_weight: NonNegFloat = 10.0
+    oh_weight: NonNegFloat = 0.5
+    adv_weight: NonNegFloat = 1.33
+    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    """Momentum of the batch statistics used in BN matching (NAYER's ``bn_mmt``); 0 = none."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 20
+    """Epochs of synthesis without the adversarial term and without KD (NAYER's ``warmup``)."""
+    g_life: PosInt | None = 10
+    """Re-initialize the generator's body every this many epochs, counted from the end of
+    the warm-up (NAYER's ``g_life``); None: never."""
+    noise_dim: PosInt = 1000
+    """Width of the noisy layer (NAYER's ``le_emb_size``)."""
+    embed_dim: PosInt = 512
+    """Size of the class embeddings (CLIP ViT-B/32's text features)."""
+    embedding: Literal["random", "learned"] = "random"
+    """The text-encoder substitute: fixed N(0, 1) rows drawn from the seed, or the same rows
+    trained with the generator."""
+    labels: Literal["balanced", "uniform"] = "balanced"
+    """``balanced``: NAYER's labels (every class ``batch_size // K`` times, the rest drawn);
+    ``uniform``: the shared uniform draw (the labels ``stars synthesize`` asks for)."""
+
+    steps_field: ClassVar[str | None] = "g_steps"
+
+    def term_weights(self) -> TermWeights:
+        return TermWeights(bn=self.bn_weight, oh=self.oh_weight, adv=self.adv_weight)
+
+    def build(self, ctx: SynthesisContext) -> SynthesizerBase:
+        from stars.synthesis.methods.nayer import NAYERSynthesizer
+
+        return NAYERSynthesizer(
+            ctx,
+            lr_g=self.lr_g,
+            g_steps=self.g_steps,
+            warmup_epochs=self.warmup_epochs,
+            g_life=self.g_life,
+            noise_dim=self.noise_dim,
+            embed_dim=self.embed_dim,
+            embedding=self.embedding,
+            labels=self.labels,
+        )
+
+    @property
+    def matching_momentum(self) -> float:
+        return self.bn_momentum
+
+    @property
+    def kd_warmup_epochs(self) -> int:
+        return self.warmup_epochs
+
+    def teacher_only_warmup(self, *, epochs: int, per_epoch: int) -> int:
+        del epochs
+        return self.warmup_epochs * per_epoch
+
+
 # The registration: one line per method.
 SynthesisConfig = Annotated[
     Annotated[DeepInversionSynthesis, Tag("deepinversion")]
     | Annotated[DAFLSynthesis, Tag("dafl")]
     | Annotated[DFADSynthesis, Tag("dfad")]
+    | Annotated[CMISynthesis, Tag("cmi")]
+    | Annotated[NAYERSynthesis, Tag("nayer")]
     | Annotated[FastSynthesis, Tag("fast")],
     kind_of("fast"),
 ]
