@@ -4,7 +4,7 @@
     python benchmarks/paper_table.py --table-only
 
 Each (family, variant, seed) is one ``stars distill`` run of ``benchmarks/paper_table/
-<family>.yaml`` with the variant's STARS terms toggled (``stars.ablate.VARIANTS``): the same
+<family>.yaml`` with the variant's STARS terms toggled (``stars.recipes.ablate.VARIANTS``): the same
 budget (synthesis and KD steps) for every variant. Families: ``fast`` (baseline, rca, tar,
 stars) and ``deepinversion`` (baseline, stars).
 
@@ -36,10 +36,11 @@ import torch
 import yaml
 from rich.console import Console
 
-from stars.ablate import variant_config
 from stars.config import RunConfig, apply_overrides, load_config
 from stars.errors import StarsError
-from stars.pipeline import CHECKPOINT, run_distill
+from stars.recipes.ablate import variant_config
+from stars.recipes.distill import run_distill
+from stars.run_dir import CHECKPOINT
 from stars.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]

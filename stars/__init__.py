@@ -15,16 +15,16 @@ from stars.errors import StarsError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run_distill": "stars.pipeline",
+    "run_distill": "stars.recipes.distill",
     "build_components": "stars.pipeline",
-    "train_teacher": "stars.teacher_training",
+    "train_teacher": "stars.recipes.train_teacher",
     "build_teacher": "stars.models",
     "build_student": "stars.models",
     "build_neuron": "stars.neurons",
     "build_synthesizer": "stars.synthesis",
     "KDDistiller": "stars.distill",
-    "synthesize_dataset": "stars.synth_cmd",
-    "export_run": "stars.synth_cmd",
+    "synthesize_dataset": "stars.recipes.synthesize",
+    "export_run": "stars.recipes.synthesize",
 }
 
 __all__ = [

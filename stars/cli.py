@@ -126,7 +126,7 @@ def train_teacher_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
 ) -> None:
     """Train an ANN teacher on real images; writes safetensors weights and metadata."""
-    from stars.teacher_training import train_teacher
+    from stars.recipes.train_teacher import train_teacher
 
     cfg = load_teacher_config(path, set_ or [])
     result = train_teacher(cfg, overwrite=overwrite, console=console)
@@ -155,7 +155,7 @@ def distill(
 ) -> None:
     """Distill the teacher into a spiking student from synthetic data (Fast/DeepInversion/
     DAFL/DFAD, with STARS when its weights are set)."""
-    from stars.pipeline import Interrupted, run_distill
+    from stars.recipes.distill import Interrupted, run_distill
 
     cfg = load_config(path, set_ or [])
     if resume is not None and (resume / "config.yaml").is_file():
@@ -191,7 +191,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Top-1 of a teacher; for a student also firing rates, SynOps and energy."""
-    from stars.evaluate_cmd import evaluate_checkpoint
+    from stars.recipes.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(
         checkpoint, data=data, device=device, max_images=max_images, console=console
@@ -236,7 +236,7 @@ def synthesize(
 ) -> None:
     """Write a synthetic dataset (ImageFolder, named grid, quality.json): synthesized from the
     teacher alone to the method's budget, or a finished run's memory bank (--from-run)."""
-    from stars.synth_cmd import export_run, synthesize_dataset
+    from stars.recipes.synthesize import export_run, synthesize_dataset
 
     if from_run is not None:
         if path is not None or set_ or steps != 1.0:
@@ -273,7 +273,7 @@ def ablate(
     ] = None,
 ) -> None:
     """Run baseline vs +RCA vs +TAR vs STARS over seeds; print mean and std of top-1."""
-    from stars.ablate import run_ablation
+    from stars.recipes.ablate import run_ablation
 
     cfg = load_config(path, set_ or [])
     run_ablation(

@@ -12,7 +12,7 @@ from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
 from stars.distill.checkpoint import load_state
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
 
 
 def _config(tmp: Path, cifar: Path, teacher: Path, name: str) -> Path:

@@ -98,7 +98,7 @@ class _Stop(Exception):
 def test_an_interrupted_run_continues_from_its_checkpoint(
     cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stars.pipeline
+    import stars.run_dir
 
     out = tmp_path / "results"
     sets = [*TINY, "distill.epochs=2", f"data.root={cifar_root}", f"output_dir={tmp_path}"]
@@ -112,7 +112,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
         save(path, state)
         raise _Stop
 
-    monkeypatch.setattr(stars.pipeline, "save_state", save_then_stop)
+    monkeypatch.setattr(stars.run_dir, "save_state", save_then_stop)
     with pytest.raises(_Stop):
         _main(monkeypatch, args)
     assert not (out / "runs.jsonl").exists()
@@ -120,7 +120,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
     with (run / "metrics.jsonl").open("a") as fh:  # a start from scratch would delete it
         fh.write(json.dumps({"event": "marker"}) + "\n")
 
-    monkeypatch.setattr(stars.pipeline, "save_state", save)
+    monkeypatch.setattr(stars.run_dir, "save_state", save)
     _main(monkeypatch, args)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "marker"} in lines

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from stars.cli import app
 from stars.config import load_config
 from stars.distill.checkpoint import load_state
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
 
 runner = CliRunner()
 
@@ -214,20 +214,20 @@ def test_validation_split_is_fixed_training_images(
 ) -> None:
     from rich.console import Console
 
-    from stars.pipeline import _test_loader
+    from stars.pipeline import test_loader
 
     cfg = load_config(
         tiny_config(tmp_path, cifar_root, teacher_file),
         ["evaluation.split=val", "evaluation.val_size=12", "evaluation.max_images=null"],
     )
     quiet = Console(quiet=True)
-    a = torch.cat([x for x, _ in _test_loader(cfg, quiet) or []])
-    b = torch.cat([x for x, _ in _test_loader(cfg.model_copy(update={"seed": 5}), quiet) or []])
+    a = torch.cat([x for x, _ in test_loader(cfg, quiet) or []])
+    b = torch.cat([x for x, _ in test_loader(cfg.model_copy(update={"seed": 5}), quiet) or []])
     assert a.shape[0] == 12 and torch.equal(a, b), "the same images for every run and seed"
     test = torch.cat(
         [
             x
-            for x, _ in _test_loader(
+            for x, _ in test_loader(
                 load_config(
                     tiny_config(tmp_path, cifar_root, teacher_file), ["evaluation.max_images=null"]
                 ),

@@ -11,7 +11,8 @@ import torch
 from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
-from stars.pipeline import build_components, run_distill
+from stars.pipeline import build_components
+from stars.recipes.distill import run_distill
 
 
 @pytest.fixture(scope="module")

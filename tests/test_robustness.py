@@ -24,7 +24,7 @@ from stars.distill.losses import kd_loss as real_kd_loss
 from stars.errors import StarsError
 from stars.models.io import save_model
 from stars.models.teachers import build_teacher_arch
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
 
 runner = CliRunner()
 

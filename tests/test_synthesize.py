@@ -17,16 +17,16 @@ from tiny_run import tiny_run_config
 from torchvision.datasets import ImageFolder
 from typer.testing import CliRunner
 
-import stars.synth_cmd as synth_cmd
+import stars.recipes.synthesize as synth_cmd
 from stars.cli import app
 from stars.config import TeacherTrainConfig, load_config
 from stars.data.classes import CIFAR10_CLASSES
 from stars.distill.checkpoint import load_state, save_state
 from stars.errors import StarsError
-from stars.evaluate_cmd import evaluate_checkpoint
 from stars.models.io import save_model
 from stars.models.teachers import build_teacher_arch
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
+from stars.recipes.evaluate import evaluate_checkpoint
 from stars.synthesis.protocols import SynthesisStep
 
 runner = CliRunner()

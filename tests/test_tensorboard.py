@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_run import records, tiny_run_config
 
 from stars.config import load_config
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
 from stars.runtime import MetricsLog
 from stars.tensorboard_log import TB_DIR, scalars
 

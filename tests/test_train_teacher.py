@@ -22,7 +22,7 @@ from stars.errors import StarsError
 from stars.evaluation import top1
 from stars.models.io import load_model_weights, read_metadata
 from stars.models.teachers import build_teacher_arch
-from stars.teacher_training import TeacherResult, train_teacher
+from stars.recipes.train_teacher import TeacherResult, train_teacher
 
 EPOCHS = 1
 

@@ -21,8 +21,8 @@ from stars.models.factory import freeze
 from stars.models.io import load_model_weights, read_metadata
 from stars.models.students import build_student
 from stars.models.teachers import build_teacher_arch
+from stars.recipes.synthesize import load_synthetic_set
 from stars.runtime import resolve_device
-from stars.synth_cmd import load_synthetic_set
 
 __all__ = ["evaluate_checkpoint"]
 

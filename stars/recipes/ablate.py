@@ -18,7 +18,7 @@ from rich.table import Table
 
 from stars.config import RunConfig, apply_overrides
 from stars.errors import StarsError
-from stars.pipeline import run_distill
+from stars.recipes.distill import run_distill
 
 __all__ = ["VARIANTS", "run_ablation", "variant_config"]
 

@@ -45,7 +45,8 @@ from stars.distill.checkpoint import load_state
 from stars.errors import StarsError
 from stars.models.factory import build_teacher
 from stars.models.teachers import ANNTeacher
-from stars.pipeline import CHECKPOINT, data_geometry, save_grid, synthesizer_for
+from stars.pipeline import data_geometry, save_grid, synthesizer_for
+from stars.run_dir import CHECKPOINT
 from stars.runtime import progress_bar, resolve_device, seed_everything
 from stars.synthesis.budget import Budget, budget_config, method_budget
 from stars.synthesis.export import (
