@@ -181,8 +181,16 @@ class ReferenceNeuron(nn.Module):
     @classmethod
     def from_config(cls, cfg: NeuronConfig) -> ReferenceNeuron:
         """The reference twin of ``build_neuron(cfg)``; ``plif`` maps to LIF at its initial tau."""
+        kind: Literal["lif", "if"]
+        match cfg.kind:
+            case "lif" | "plif":
+                kind = "lif"
+            case "if":
+                kind = "if"
+            case _:
+                assert_never(cfg.kind)
         return cls(
-            "if" if cfg.kind == "if" else "lif",
+            kind,
             tau=cfg.tau,
             v_threshold=cfg.v_threshold,
             v_reset=cfg.v_reset,
