@@ -276,10 +276,13 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "spike-kd": ["stars.spike_tar.student_weight=1"],
     "spike": ["stars.spike_tar.student_weight=1", "stars.spike_tar.weight=2"],
     "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
+    "sresnet20": ["student.arch=spiking_resnet20"],
+    "sresnet20+spike-kd": ["student.arch=spiking_resnet20", "stars.spike_tar.student_weight=1"],
 }
 """Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config; the
 ``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
-of the session-9 val runs."""
+of the session-9 val runs; ``sresnet20`` is the deeper student (spiking ResNet-20 in place of
+``spiking_tiny``), to size a family for it."""
 
 
 def epoch_ratios(

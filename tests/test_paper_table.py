@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import paper_table
+from stars.recipes.ablate import VARIANTS
 
 TINY = [
     "distill.epochs=1",
@@ -127,3 +128,11 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
     assert [r["epoch"] for r in lines if r["event"] == "epoch"] == [1, 2]
     (record,) = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert record["seconds"] == json.loads((run / "summary.json").read_text())["seconds"]
+
+
+@pytest.mark.parametrize("family", sorted(paper_table.FAMILIES))
+def test_every_family_file_is_a_valid_config_with_its_variants(family: str) -> None:
+    cfg, sha = paper_table.family_config(family, "val", [])
+    assert cfg.evaluation.split == "val" and len(sha) == 12
+    assert paper_table.FAMILIES[family][0] == "baseline"
+    assert set(paper_table.FAMILIES[family]) <= set(VARIANTS)
