@@ -61,6 +61,7 @@ __all__ = [
     "ImageFolderData",
     "MethodConfig",
     "NeuronConfig",
+    "NeuronKind",
     "OneCycleSchedule",
     "OptimizerConfig",
     "RCAConfig",
@@ -106,6 +107,9 @@ TeacherArch = Literal[
     "vgg11_cmi",
     "vgg13_cmi",
 ]
+NeuronKind = Literal["lif", "if", "plif"]
+"""The spiking neuron kinds (every `match` on them ends in `assert_never`)."""
+
 StudentArch = Literal[
     "spiking_resnet18",
     "spiking_resnet19",
@@ -186,7 +190,7 @@ class NeuronConfig(_Frozen):
     to that potential. ``tau`` is ignored by ``if``; for ``plif`` it is the initial tau.
     """
 
-    kind: Literal["lif", "if", "plif"] = "lif"
+    kind: NeuronKind = "lif"
     tau: Annotated[float, Field(gt=1.0)] = 2.0
     v_threshold: PosFloat = 1.0
     v_reset: float | None = 0.0

@@ -36,7 +36,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import torch
 from torch import Tensor, nn
@@ -165,6 +165,8 @@ def _neuron(module: nn.Module, where: str, dtype: torch.dtype) -> nn.Module:
             out = neuron.ParametricLIFNode(decay_input=bool(node.decay_input), **common).to(dtype)
             with torch.no_grad():
                 out.w.copy_(node.w.detach())
+        case _:
+            assert_never(module.kind)
     made: nn.Module = out.to(dtype)
     return made
 

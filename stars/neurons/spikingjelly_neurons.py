@@ -40,6 +40,7 @@ from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import surrogate as sj_surrogate
 from torch import Tensor, nn
 
+from stars.config import NeuronKind
 from stars.neurons.fused import FusedNeuronParams, fused_multi_step
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "build_surrogate",
 ]
 
-NeuronKind = Literal["lif", "if", "plif"]
 SurrogateKind = Literal["atan", "sigmoid"]
 NeuronBackend = Literal["auto", "torch", "cupy", "triton"]
 
