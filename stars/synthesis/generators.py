@@ -12,10 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConvGenerator", "PixelGenerator"]
+__all__ = ["ConvGenerator", "Normalize", "PixelGenerator"]
 
 
-class _Normalize(nn.Module):
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel: a generator's [0, 1] output into the teacher's
+    normalized input space."""
+
     mean: Tensor
     std: Tensor
 
@@ -83,7 +86,7 @@ class ConvGenerator(nn.Module):
             nn.Conv2d(ngf, channels, 3, padding=1),
             nn.Sigmoid(),
         )
-        self.normalize = _Normalize(mean, std)
+        self.normalize = Normalize(mean, std)
 
     def first_layer(self) -> nn.Linear:
         """The latent projection Fast re-initializes once (``reset_l0``)."""

@@ -42,6 +42,7 @@ __all__ = [
     "MethodConfig",
     "NAYERSynthesis",
     "SynthesisConfig",
+    "WarmupMomentumMethod",
 ]
 
 
@@ -220,7 +221,30 @@ class DFADSynthesis(MethodConfig):
         return epochs * per_epoch
 
 
-class FastSynthesis(MethodConfig):
+class WarmupMomentumMethod(MethodConfig):
+    """A method with Fast's BN momentum and warm-up (Fast, NAYER): BN matching compares
+    momentum-blended batch statistics, and the first ``warmup_epochs`` synthesize without the
+    adversarial term and without KD (``stars synthesize`` drops their batches)."""
+
+    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    """Momentum of the batch statistics used in BN matching (Fast's ``bn_mmt``); 0 = none."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 20
+    """Epochs of synthesis without the adversarial term and without KD (Fast's ``warmup``)."""
+
+    @property
+    def matching_momentum(self) -> float:
+        return self.bn_momentum
+
+    @property
+    def kd_warmup_epochs(self) -> int:
+        return self.warmup_epochs
+
+    def teacher_only_warmup(self, *, epochs: int, per_epoch: int) -> int:
+        del epochs
+        return self.warmup_epochs * per_epoch
+
+
+class FastSynthesis(WarmupMomentumMethod):
     """Fast (Fang et al., AAAI 2022): a meta-learned generator, a few steps per batch from
     the shared initialization, BN + CE + adversarial masked KL, and a memory bank."""
 
@@ -232,13 +256,9 @@ class FastSynthesis(MethodConfig):
     adv_weight: NonNegFloat = 1.1
     bn_weight: NonNegFloat = 10.0
     oh_weight: NonNegFloat = 0.4
-    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    """Momentum of the batch statistics used in BN matching (Fast's ``bn_mmt``); 0 = none."""
     meta: bool = True
     """Reptile-style meta update of the shared generator (Fast's ``is_maml``)."""
     reset_l0: bool = True
-    warmup_epochs: Annotated[int, Field(ge=0)] = 20
-    """Epochs of synthesis without the adversarial term and without KD (Fast's ``warmup``)."""
 
     steps_field: ClassVar[str | None] = "g_steps"
 
@@ -258,18 +278,6 @@ class FastSynthesis(MethodConfig):
             reset_l0=self.reset_l0,
             warmup_epochs=self.warmup_epochs,
         )
-
-    @property
-    def matching_momentum(self) -> float:
-        return self.bn_momentum
-
-    @property
-    def kd_warmup_epochs(self) -> int:
-        return self.warmup_epochs
-
-    def teacher_only_warmup(self, *, epochs: int, per_epoch: int) -> int:
-        del epochs
-        return self.warmup_epochs * per_epoch
 
 
 class CMISynthesis(MethodConfig):
@@ -326,7 +334,7 @@ class CMISynthesis(MethodConfig):
         )
 
 
-class NAYERSynthesis(MethodConfig):
+class NAYERSynthesis(WarmupMomentumMethod):
     """NAYER (Tran et al., "NAYER: Noisy Layer Data Generation for Efficient and Effective
     Data-free Knowledge Distillation", CVPR 2024): class embeddings through a noisy layer
     redrawn for every batch into a generator body kept across batches, a few steps per batch
@@ -343,10 +351,6 @@ class NAYERSynthesis(MethodConfig):
     bn_weight: NonNegFloat = 10.0
     oh_weight: NonNegFloat = 0.5
     adv_weight: NonNegFloat = 1.33
-    bn_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    """Momentum of the batch statistics used in BN matching (NAYER's ``bn_mmt``); 0 = none."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 20
-    """Epochs of synthesis without the adversarial term and without KD (NAYER's ``warmup``)."""
     g_life: PosInt | None = 10
     """Re-initialize the generator's body every this many epochs, counted from the end of
     the warm-up (NAYER's ``g_life``); None: never."""
@@ -380,18 +384,6 @@ class NAYERSynthesis(MethodConfig):
             embedding=self.embedding,
             labels=self.labels,
         )
-
-    @property
-    def matching_momentum(self) -> float:
-        return self.bn_momentum
-
-    @property
-    def kd_warmup_epochs(self) -> int:
-        return self.warmup_epochs
-
-    def teacher_only_warmup(self, *, epochs: int, per_epoch: int) -> int:
-        del epochs
-        return self.warmup_epochs * per_epoch
 
 
 # The registration: one line per method.

@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from stars.models.protocols import SpikingStudent
+from stars.synthesis.generators import Normalize
 from stars.synthesis.objective import ObjectiveOutput
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.synthesizers import (
@@ -115,19 +116,6 @@ def chunk_layout(y: Tensor, num_classes: int) -> Tensor:
     first = torch.searchsorted(ys, ys)
     rank = torch.arange(ys.shape[0], device=ys.device) - first
     return ys[torch.argsort(rank * num_classes + ys, stable=True)]
-
-
-class _Normalize(nn.Module):
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 class NoisyLayerGenerator(nn.Module):
@@ -190,7 +178,7 @@ class NoisyLayerGenerator(nn.Module):
             nn.Conv2d(ngf, channels, 3, padding=1),
             nn.Sigmoid(),
         )
-        self.normalize = _Normalize(mean, std)
+        self.normalize = Normalize(mean, std)
 
     def body(self) -> list[nn.Module]:
         """The modules kept across synthesis calls (all but the noisy layers and the
