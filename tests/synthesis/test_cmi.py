@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from stars.config import StarsConfig
 from stars.distill.checkpoint import flatten_state, unflatten_state
-from stars.models.protocols import Network
 from stars.synthesis.methods import CMISynthesis
 from stars.synthesis.methods.cmi import (
     CMISynthesizer,
@@ -35,8 +34,8 @@ from synthesis.test_synthesizers import (
     SIZE,
     STARS_OFF_OTHER,
     STARS_ON,
+    assert_untouched,
     build,
-    hook_count,
     snapshot,
     tiny_student,
     tiny_teacher,
@@ -387,12 +386,4 @@ def test_teacher_student_and_global_rng_untouched() -> None:
     for _ in range(2):
         synth.synthesize(student)
     assert torch.equal(torch.get_rng_state(), global_rng)
-    model: Network
-    for before, model in ((t0, teacher), (s0, student)):
-        after = snapshot(model)
-        assert after.keys() == before.keys()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert all(p.grad is None for p in model.parameters())
-        assert hook_count(model) == 0
-    assert student.training and all(p.requires_grad for p in student.parameters())
-    assert not teacher.training
+    assert_untouched(teacher, t0, student, s0)

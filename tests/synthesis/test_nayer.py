@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from stars.config import RunConfig, StarsConfig, load_config
 from stars.distill.checkpoint import flatten_state, unflatten_state
-from stars.models.protocols import Network
 from stars.synthesis.export import requested_labels
 from stars.synthesis.methods import NAYERSynthesis
 from stars.synthesis.methods.nayer import (
@@ -34,8 +33,8 @@ from stars.synthesis.protocols import Generator
 from synthesis.test_synthesizers import (
     STARS_ON,
     K,
+    assert_untouched,
     build,
-    hook_count,
     snapshot,
     tiny_student,
     tiny_teacher,
@@ -399,15 +398,7 @@ def test_teacher_student_and_global_rng_untouched() -> None:
         synth.set_epoch(epoch)
         synth.synthesize(student)
     assert torch.equal(torch.get_rng_state(), global_rng)
-    model: Network
-    for before, model in ((t0, teacher), (s0, student)):
-        after = snapshot(model)
-        assert after.keys() == before.keys()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert all(p.grad is None for p in model.parameters())
-        assert hook_count(model) == 0
-    assert student.training and all(p.requires_grad for p in student.parameters())
-    assert not teacher.training
+    assert_untouched(teacher, t0, student, s0)
 
 
 def test_warmup_keeps_the_student_out() -> None:

@@ -157,7 +157,9 @@ def test_step_shapes_finite_bank_and_models_untouched(kind: str) -> None:
     student.train()
     t0, s0 = snapshot(teacher), snapshot(student)
     synth = make(kind, STARS_ON, teacher=teacher)
+    global_rng = torch.get_rng_state()
     step = synth.synthesize(student)
+    assert torch.equal(torch.get_rng_state(), global_rng), "draws only from its own RNG"
     assert step.images.shape == (6, 3, SIZE, SIZE)
     assert torch.isfinite(step.images).all()
     assert step.labels.shape == (6,)
@@ -168,18 +170,29 @@ def test_step_shapes_finite_bank_and_models_untouched(kind: str) -> None:
     assert len(step.trace) == 4
     drawn = synth.sample(5)
     assert drawn.shape == (5, 3, SIZE, SIZE)
-    # teacher and student unchanged, no gradients left, modes restored, hooks removed
+    assert_untouched(teacher, t0, student, s0)
+
+
+def assert_untouched(
+    teacher: Teacher,
+    t0: dict[str, torch.Tensor],
+    student: SpikingStudent,
+    s0: dict[str, torch.Tensor],
+) -> None:
+    """Teacher and student as they were (state ``t0`` / ``s0``) after synthesis: the same
+    weights and buffers, no gradients left, the student back in train mode with its
+    parameters trainable, every hook removed."""
+    model: Network
     for before, model in ((t0, teacher), (s0, student)):
         after = snapshot(model)
         assert after.keys() == before.keys()
         for k in before:
             assert torch.equal(before[k], after[k]), k
-    assert all(p.grad is None for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is None for p in model.parameters())
+        assert hook_count(model) == 0
     assert student.training, "the student's mode must be restored"
     assert all(p.requires_grad for p in student.parameters())
-    assert hook_count(teacher) == 0
-    assert hook_count(student) == 0
+    assert not teacher.training
 
 
 @pytest.mark.parametrize("kind", KINDS)
