@@ -124,7 +124,14 @@ def reference_multi_step(
 
     Returns:
         spikes ``[T, N, *]`` of 0.0 / 1.0.
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``surrogate`` (never silently LIF or Sigmoid).
     """
+    if kind not in ("lif", "if"):
+        raise ValueError(f"kind must be 'lif' or 'if', got {kind!r}")
+    if surrogate not in ("atan", "sigmoid"):
+        raise ValueError(f"surrogate must be 'atan' or 'sigmoid', got {surrogate!r}")
     spike_fn = atan_spike if surrogate == "atan" else sigmoid_spike
     v_rest = 0.0 if v_reset is None else v_reset
     v = torch.full_like(x_seq[0], v_rest)

@@ -66,3 +66,35 @@ def test_threshold_change_applies_on_the_next_call() -> None:
     assert neuron(x).sum() == 4
     neuron.v_threshold = 2.0
     assert neuron(x).sum() == 0
+
+
+def _if_neuron(v_threshold: float = 1.0) -> FusedNeuronParams:
+    return FusedNeuronParams(None, True, v_threshold, 0.0, False, "atan", 2.0)
+
+
+def test_the_membrane_is_float32_for_float32_inputs_as_in_spikingjelly() -> None:
+    """Two inputs whose exact sum is 1 - 2^-25 (halfway between two float32 values) reach
+    the threshold 1 only when the IF membrane rounds like float32: 0.5 + (0.5 - 2^-25)
+    rounds to 1.0 (ties to even). spikingjelly computes in the input dtype, so it fires at
+    t = 1; a float64 membrane would not (1 - 2^-25 < 1)."""
+    x = torch.tensor([0.5, 0.5 - 2.0**-25], dtype=torch.float32).view(2, 1)
+    assert float(x[1]) == 0.5 - 2.0**-25  # representable: float32 steps by 2^-26 below 0.5
+    sj = build_neuron(NeuronConfig(kind="if", backend="torch"))(x)
+    assert sj.flatten().tolist() == [0.0, 1.0]
+    assert fused_multi_step(x, _if_neuron()).flatten().tolist() == [0.0, 1.0]
+
+
+def test_the_membrane_is_float64_for_float64_inputs() -> None:
+    """An input 1e-12 below the threshold does not fire in float64; in float32 it rounds to
+    1.0 and would (float32's step at 1 is 6e-8)."""
+    x = torch.tensor([[1.0 - 1e-12]], dtype=torch.float64)
+    assert fused_multi_step(x, _if_neuron()).item() == 0.0
+    assert fused_multi_step(x.float(), _if_neuron()).item() == 1.0
+
+
+def test_a_potential_exactly_at_the_threshold_fires() -> None:
+    """Heaviside(0) = 1, as spikingjelly's ``x >= 0``: H = V_th fires."""
+    x = torch.tensor([[0.75]], dtype=torch.float32)
+    sj = build_neuron(NeuronConfig(kind="if", v_threshold=0.75, backend="torch"))(x)
+    assert sj.item() == 1.0
+    assert fused_multi_step(x, _if_neuron(0.75)).item() == 1.0

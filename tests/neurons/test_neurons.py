@@ -335,3 +335,13 @@ def test_reference_defaults_and_primitive_values() -> None:
     z = torch.tensor([0.0, -1e30, 1e30])
     for kind in ("atan", "sigmoid"):
         assert surrogate_primitive(z, kind, 2.0).tolist() == [0.5, 0.0, 1.0]
+
+
+def test_reference_refuses_an_unknown_kind_or_surrogate() -> None:
+    x = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match="kind"):
+        reference_multi_step(x, kind="LIF")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="surrogate"):
+        reference_multi_step(x, surrogate="tanh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kind"):
+        ReferenceNeuron("plif")(x)  # type: ignore[arg-type]
