@@ -4,7 +4,7 @@ with a float32 membrane) and under bf16 autocast. Error model: ``tests/neurons/p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import pytest
 import torch
@@ -198,3 +198,43 @@ def test_bf16_inputs_run_the_float32_membrane(
         auto_f32, auto_f32_grad = _run(neuron, base.float(), steps, upstream.float())
     assert torch.equal(auto_spikes, spikes) and torch.equal(auto_grad, grad)
     assert torch.equal(auto_f32, ref_spikes) and torch.equal(auto_f32_grad, ref_grad)
+
+
+_COMPILED: list[tuple[MultiStepNeuron, nn.Module]] = []
+
+
+def _compiled_lif() -> tuple[MultiStepNeuron, nn.Module]:
+    """One eager LIF layer and its ``torch.compile``d twin (compiled once per session)."""
+    if not _COMPILED:
+        eager = build_neuron(NeuronConfig(kind="lif", v_threshold=0.5))
+        compiled = cast(nn.Module, torch.compile(eager, dynamic=False))
+        _COMPILED.append((eager, compiled))
+    return _COMPILED[0]
+
+
+@examples(8)
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.1, 4.0))
+def test_the_compiled_neuron_agrees_with_the_float64_truth(seed: int, scale: float) -> None:
+    """The compile path of the performance work (``compile: true``): the compiled neuron's
+    spikes equal the float64 trajectory on every clean step and its input gradient is within
+    the same error model as the eager paths (inductor may reorder the charge's sums: the model
+    holds for any order). One fixed shape, so it compiles once."""
+    eager, compiled = _compiled_lif()
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64) * scale + 0.3 * scale
+    upstream = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    p = _constants(NeuronConfig(kind="lif", v_threshold=0.5), eager)
+    truth = trajectory(base, p)
+    clean = clean_steps(base, truth, p, U32)
+    whole = clean.all(0).expand(4, 3, 5)
+    tol = gradient_tolerance(base, upstream, truth, p, U32) + gradient_tolerance(
+        base, upstream, truth, p, U64
+    )
+    reference = ReferenceNeuron(
+        "lif", tau=p.tau or 2.0, v_threshold=p.v_threshold, v_reset=p.v_reset
+    )
+    _, exact = _run(reference, base, 4, upstream)
+    spikes, grad = _run(compiled, base.float(), 4, upstream.float())
+    assert torch.equal(spikes.double()[clean], truth.s[clean])
+    err = (grad.double() - exact).abs()
+    assert bool((err[whole] <= tol[whole]).all()), float((err - tol).max())
