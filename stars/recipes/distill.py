@@ -20,7 +20,7 @@ import json
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,7 +178,9 @@ class DistillRecipe:
         """KD steps of 0-based ``epoch`` (none during the method's KD warm-up)."""
         return self.cfg.distill.kd_steps_per_epoch if epoch >= warmup_epochs(self.cfg) else 0
 
-    def synthesis(self, epoch: int, on_step: Any = None) -> dict[str, list[float]]:
+    def synthesis(
+        self, epoch: int, on_step: Callable[[SynthesisStep], None] | None = None
+    ) -> dict[str, list[float]]:
         """The epoch's synthesis steps; each term's values by name. ``on_step(step)`` is
         called after each (the progress bar)."""
         comp, d = self.comp, self.cfg.distill
@@ -207,7 +209,9 @@ class DistillRecipe:
                 syn[k].append(v)
         return syn
 
-    def kd(self, epoch: int, on_step: Any = None) -> dict[str, list[float]]:
+    def kd(
+        self, epoch: int, on_step: Callable[[Mapping[str, float]], None] | None = None
+    ) -> dict[str, list[float]]:
         """The epoch's KD steps on batches from the memory bank; each part of the student's
         loss by name. ``on_step(parts)`` is called after each."""
         comp, d = self.comp, self.cfg.distill
@@ -362,8 +366,8 @@ class DistillRecipe:
                 )
                 k_task = bar.add_task("KD", total=sum(self.kd_steps(e) for e in epochs), info="")
                 for epoch in epochs:
-                    syn = self.synthesis(epoch, _advance(bar, s_task, "bn"))
-                    kd = self.kd(epoch, _advance(bar, k_task, "loss"))
+                    syn = self.synthesis(epoch, _synthesis_bar(bar, s_task))
+                    kd = self.kd(epoch, _kd_bar(bar, k_task))
                     metrics.write(self.epoch_record(epoch, syn, kd))
                     ev = self.evaluate(epoch)
                     if ev is not None:
@@ -399,14 +403,20 @@ def run_distill(
     return recipe.run()
 
 
-def _advance(bar: Progress, task: TaskID, key: str) -> Any:
-    """The progress callback of a phase: one step, showing ``key``'s value."""
+def _synthesis_bar(bar: Progress, task: TaskID) -> Callable[[SynthesisStep], None]:
+    """The synthesis phase's progress callback: one step, showing the BN term."""
 
-    def on_step(step: SynthesisStep | Mapping[str, float]) -> None:
-        if isinstance(step, SynthesisStep):
-            bar.update(task, advance=1, info=f"{key} {step.losses.get(key, 0):.2f}")
-        else:
-            bar.update(task, advance=1, info=f"{key} {step[key]:.3f}")
+    def on_step(step: SynthesisStep) -> None:
+        bar.update(task, advance=1, info=f"bn {step.losses.get('bn', 0):.2f}")
+
+    return on_step
+
+
+def _kd_bar(bar: Progress, task: TaskID) -> Callable[[Mapping[str, float]], None]:
+    """The KD phase's progress callback: one step, showing the student's loss."""
+
+    def on_step(parts: Mapping[str, float]) -> None:
+        bar.update(task, advance=1, info=f"loss {parts['loss']:.3f}")
 
     return on_step
 
