@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.perf import _ann_twin
@@ -76,7 +77,7 @@ def main() -> None:
     )
     teacher = build_teacher(cfg.teacher, num_classes=source.num_classes)
     scfg: StudentConfig = cfg.student
-    student = build_student(
+    student: nn.Module = build_student(
         scfg.model_copy(update={"T": 1}) if args.ann else scfg, num_classes=source.num_classes
     )
     if args.ann:

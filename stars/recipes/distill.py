@@ -58,6 +58,7 @@ from stars.pipeline import (
 )
 from stars.runtime import MetricsLog, progress_bar
 from stars.synthesis.protocols import SynthesisStep
+from stars.synthesis.synthesizers import with_bank, without_bank
 from stars.tensorboard_log import log_grid
 
 __all__ = [
@@ -424,12 +425,6 @@ def _kd_bar(bar: Progress, task: TaskID) -> Callable[[Mapping[str, float]], None
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _without_bank(state: dict[str, Any]) -> dict[str, Any]:
-    ctx = dict(state["ctx"])
-    ctx.pop("bank")
-    return {**state, "ctx": ctx}
-
-
 def _state(comp: Components, epoch: int, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The resumable state (a collective under torchrun: every rank must call it)."""
     synth = comp.synthesizer.state_dict()
@@ -444,7 +439,7 @@ def _state(comp: Components, epoch: int, extra: Mapping[str, Any]) -> dict[str, 
     }
     if comp.info.enabled:
         # Each rank has its own generator, optimizers and random streams; the banks are equal.
-        own = {"synthesizer": _without_bank(synth), "distiller": comp.distiller.state_dict()}
+        own = {"synthesizer": without_bank(synth), "distiller": comp.distiller.state_dict()}
         state["ranks"] = gather_objects(own, comp.info)
     return state
 
@@ -459,10 +454,7 @@ def _restore(comp: Components, state: Mapping[str, Any]) -> tuple[int, dict[str,
     synth, distiller = state["synthesizer"], state["distiller"]
     if info.enabled and info.rank > 0:
         own = state["ranks"][info.rank]
-        synth = {
-            **own["synthesizer"],
-            "ctx": {**own["synthesizer"]["ctx"], "bank": synth["ctx"]["bank"]},
-        }
+        synth = with_bank(own["synthesizer"], synth)
         distiller = own["distiller"]
     comp.student.load_state_dict(state["student"])
     comp.synthesizer.load_state_dict(synth)

@@ -74,7 +74,9 @@ class Synthesizer(Protocol):
       epoch's first step (``stars.schedule``, Fast's warm-up).
     - :attr:`objective`: the generator objective, for gradient measurements.
     - ``state_dict()`` / ``load_state_dict()``: everything a resumed run needs (the bank,
-      the random state, generators and optimizers), as checkpoint-safe values.
+      the random state, generators and optimizers), as checkpoint-safe values; the
+      context's state under ``"ctx"``, so a data-parallel checkpoint can keep one bank for
+      all ranks (:func:`stars.synthesis.synthesizers.without_bank` / ``with_bank``).
     """
 
     store: bool

@@ -20,9 +20,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stars.models.protocols import SpikingStudent, Teacher
+from stars.runtime import autocast
 from stars.synthesis.augment import jitter_flip
 from stars.synthesis.generators import ConvGenerator
 from stars.synthesis.memory import MemoryBank
@@ -38,6 +39,8 @@ __all__ = [
     "seeded_generator",
     "step_value",
     "train_generator",
+    "with_bank",
+    "without_bank",
 ]
 
 
@@ -94,6 +97,20 @@ class SynthesisContext:
 
     def randn(self, *shape: int) -> Tensor:
         return torch.randn(*shape, generator=self.rng).to(self.device)
+
+    def generate(self, generator: nn.Module, *args: Tensor | None) -> Tensor:
+        """``generator(*args)`` under the objective's precision: with ``bf16`` the generator's
+        forward (and so its backward) runs under autocast like the teacher's, and its images
+        come back as fp32, so the memory bank, the BN statistics and the STARS terms see fp32
+        tensors. With ``fp32`` (also a ``fp16`` run's synthesis, which has no grad scaler)
+        it is the plain call.
+
+        The generator's convolutions are most of a synthesis step's work (its last two
+        convolutions run at 16 and 32 pixels on 128 channels), so this is what makes
+        ``precision: bf16`` pay off in synthesis (``benchmarks/README.md``)."""
+        with autocast(self.device, self.objective.precision):
+            x: Tensor = generator(*args)
+        return x.float()
 
     def augment(self, x: Tensor, *, max_shift: int, flip: bool = True) -> Tensor:
         return jitter_flip(x, max_shift=max_shift, flip=flip, generator=self.rng)
@@ -160,7 +177,8 @@ class SynthesizerBase(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs, ``ctx`` included."""
+        """Everything a resumed run needs, the context's :meth:`SynthesisContext.state_dict`
+        under ``"ctx"`` (:func:`without_bank` and :func:`with_bank` rely on it)."""
 
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -187,6 +205,22 @@ class SynthesizerBase(ABC):
 
     def sample(self, n: int) -> Tensor:
         return self.ctx.sample(n)
+
+
+def without_bank(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A synthesizer's :meth:`~SynthesizerBase.state_dict` without its memory bank (what is
+    particular to one data-parallel rank: generators, optimizers, random streams). Every
+    synthesizer keeps its context's state under ``"ctx"``, the bank under ``"ctx"/"bank"``;
+    this function and :func:`with_bank` are the only readers of that layout outside it."""
+    ctx = dict(state["ctx"])
+    ctx.pop("bank")
+    return {**state, "ctx": ctx}
+
+
+def with_bank(state: Mapping[str, Any], full: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` (from :func:`without_bank`) with the memory bank of ``full`` (a whole
+    :meth:`~SynthesizerBase.state_dict`): one rank's own state over the shared bank."""
+    return {**state, "ctx": {**state["ctx"], "bank": full["ctx"]["bank"]}}
 
 
 class GeneratorState:
@@ -240,7 +274,7 @@ def train_generator(
     trace: list[float] = []
     with maybe_frozen(student):
         for _ in range(g_steps):
-            x = generator(ctx.randn(y.shape[0], generator.nz))
+            x = ctx.generate(generator, ctx.randn(y.shape[0], generator.nz))
             out = ctx.objective(x, y, student)
             trace.append(step_value(out.total))
             opt.zero_grad(set_to_none=True)

@@ -407,3 +407,56 @@ def test_schedule_scales_the_stars_weights_by_epoch() -> None:
     sched.ctx.epoch = 0
     assert sched.ctx.objective.scale == 1.0
     assert sched.synthesize(student).losses["spike_tar"] != 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_generator_runs_in_the_objective_precision(kind: str, precision: str) -> None:
+    """``precision: bf16`` runs the generator's convolutions under autocast (they are most of
+    a synthesis step's work), and the images that reach the bank are fp32 either way."""
+    synth = build_synthesizer(
+        tiny_case(kind),
+        StarsConfig(),
+        teacher=tiny_teacher(),
+        num_classes=K,
+        image_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        device=torch.device("cpu"),
+        seed=0,
+        precision=precision,
+    )
+    generator = getattr(synth, "generator", None)
+    dtypes: set[torch.dtype] = set()
+    if isinstance(generator, nn.Module):
+        for m in generator.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    step = synth.synthesize(tiny_student())
+    assert step.images.dtype == torch.float32
+    assert synth.bank.sample(3, generator=torch.Generator()).dtype == torch.float32
+    if kind == "deepinversion":
+        assert not dtypes  # its images are a parameter tensor: no generator convolutions
+        return
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtypes == {want}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rank_state_over_the_shared_bank_resumes_exactly(kind: str) -> None:
+    """What a data-parallel checkpoint keeps per rank (the state without its bank) put back
+    over the shared bank is the whole state: the resumed synthesizer repeats the original."""
+    from stars.synthesis.synthesizers import with_bank, without_bank
+
+    student = tiny_student()
+    a = make(kind, STARS_ON)
+    a.synthesize(student)
+    full = copy.deepcopy(a.state_dict())  # the optimizers' state is shared, not copied
+    own = without_bank(full)
+    assert "bank" not in own["ctx"] and "bank" in full["ctx"]
+    b = make(kind, STARS_ON, seed=7)
+    b.load_state_dict(with_bank(own, full))
+    assert len(b.bank) == len(a.bank)
+    sa, sb = a.synthesize(student), b.synthesize(student)
+    assert torch.equal(sa.images, sb.images)
+    assert torch.equal(a.bank.pixels(), b.bank.pixels())

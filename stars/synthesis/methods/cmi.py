@@ -445,7 +445,7 @@ class CMISynthesizer(SynthesizerBase):
         trace: list[float] = []
         with maybe_frozen(student):
             for _ in range(self.iterations):
-                x = self.generator(z)
+                x = ctx.generate(self.generator, z)
                 view = global_view(x, black=self.black, generator=ctx.rng)
                 feats: Tensor | None = None
                 if self.cr_weight > 0:

@@ -95,7 +95,7 @@ class FastSynthesizer(SynthesizerBase):
             self.meta_opt.zero_grad(set_to_none=True)
         with maybe_frozen(student):
             for _ in range(self.g_steps):
-                x = fast(z)
+                x = ctx.generate(fast, z)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
                 out = ctx.objective(x_aug, y, student, student_active=student_active)
                 value = step_value(out.total)

@@ -326,7 +326,7 @@ class NAYERSynthesizer(SynthesizerBase):
         trace: list[float] = []
         with maybe_frozen(student):
             for _ in range(self.g_steps):
-                x = gen(None, y)
+                x = ctx.generate(gen, None, y)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
                 out = ctx.objective(x_aug, y, student, student_active=student_active)
                 value = step_value(out.total)
