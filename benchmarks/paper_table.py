@@ -5,8 +5,8 @@
 
 Each (family, variant, seed) is one ``stars distill`` run of ``benchmarks/paper_table/
 <family>.yaml`` with the variant's STARS terms toggled (``stars.recipes.ablate.VARIANTS``): the same
-budget (synthesis and KD steps) for every variant. Families: ``fast`` (baseline, rca, tar,
-stars) and ``deepinversion`` (baseline, stars).
+budget (synthesis and KD steps) for every variant. Every ``benchmarks/paper_table/*.yaml`` is
+a family (``--family``; its variants are listed in :data:`FAMILIES`).
 
 Resumable: every finished run appends one JSON line to
 ``benchmarks/results/paper_table/runs.jsonl`` (split, family, variant, seed, the config's
