@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConvGenerator", "Normalize", "PixelGenerator"]
+__all__ = ["ConvGenerator", "Normalize", "PixelGenerator", "conv_body"]
 
 
 class Normalize(nn.Module):
@@ -46,6 +46,25 @@ class PixelGenerator(nn.Module):
         return self.images
 
 
+def conv_body(ngf: int, channels: int) -> nn.Sequential:
+    """The DCGAN-style body shared by :class:`ConvGenerator` and NAYER's generator: from
+    ``[N, 2*ngf, s/4, s/4]``, two (upsample x2, conv3x3, BN, LeakyReLU 0.2) stages (BN
+    first), then conv3x3 to ``channels`` and a sigmoid: pixels in [0, 1], ``[N, C, s, s]``."""
+    return nn.Sequential(
+        nn.BatchNorm2d(ngf * 2),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf * 2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(ngf * 2),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf, 3, padding=1, bias=False),
+        nn.BatchNorm2d(ngf),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ngf, channels, 3, padding=1),
+        nn.Sigmoid(),
+    )
+
+
 class ConvGenerator(nn.Module):
     """DCGAN-style generator used by DAFL, DFAD, CMI and Fast.
 
@@ -73,19 +92,7 @@ class ConvGenerator(nn.Module):
         self.embed = nn.Embedding(num_classes, nz) if num_classes else None
         self.l1 = nn.Linear(nz, ngf * 2 * self.init_size**2)
         self.ngf = ngf
-        self.blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, channels, 3, padding=1),
-            nn.Sigmoid(),
-        )
+        self.blocks = conv_body(ngf, channels)
         self.normalize = Normalize(mean, std)
 
     def first_layer(self) -> nn.Linear:

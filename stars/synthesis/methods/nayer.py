@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from stars.models.protocols import SpikingStudent
-from stars.synthesis.generators import Normalize
+from stars.synthesis.generators import Normalize, conv_body
 from stars.synthesis.objective import ObjectiveOutput
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.synthesizers import (
@@ -165,19 +165,7 @@ class NoisyLayerGenerator(nn.Module):
         self.embed_norm = nn.BatchNorm1d(embed_dim)
         self.noisy = nn.ModuleList(nn.Linear(embed_dim, noise_dim) for _ in range(self.chunks))
         self.project = nn.Linear(noise_dim, ngf * 2 * self.init_size**2)
-        self.blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, channels, 3, padding=1),
-            nn.Sigmoid(),
-        )
+        self.blocks = conv_body(ngf, channels)
         self.normalize = Normalize(mean, std)
 
     def body(self) -> list[nn.Module]:
