@@ -32,6 +32,7 @@ from stars.synthesis.protocols import SynthesisStep
 
 __all__ = [
     "GeneratorState",
+    "LowestLoss",
     "PersistentGeneratorSynthesizer",
     "SynthesisContext",
     "SynthesizerBase",
@@ -162,6 +163,30 @@ class SynthesisContext:
 def step_value(total: Tensor) -> float:
     """The objective's value as a float (the per-step trace, the lowest-loss choice)."""
     return float(total.detach())
+
+
+class LowestLoss:
+    """One call's trace of the objective and its lowest-loss step's images: the batch that
+    goes to the bank where a method keeps its best step rather than its last (DeepInversion,
+    Fast, NAYER). Ties keep the earlier step."""
+
+    def __init__(self) -> None:
+        self.trace: list[float] = []
+        self._best: tuple[float, Tensor] | None = None
+
+    def offer(self, total: Tensor, images: Tensor) -> None:
+        """Record a step's objective ``total``; keep a copy of ``images`` if it is the
+        lowest so far."""
+        value = step_value(total)
+        self.trace.append(value)
+        if self._best is None or value < self._best[0]:
+            self._best = (value, images.detach().clone())
+
+    @property
+    def images(self) -> Tensor:
+        if self._best is None:
+            raise RuntimeError("no step was offered")
+        return self._best[1]
 
 
 class SynthesizerBase(ABC):

@@ -460,3 +460,17 @@ def test_a_rank_state_over_the_shared_bank_resumes_exactly(kind: str) -> None:
     sa, sb = a.synthesize(student), b.synthesize(student)
     assert torch.equal(sa.images, sb.images)
     assert torch.equal(a.bank.pixels(), b.bank.pixels())
+
+
+def test_lowest_loss_keeps_the_first_lowest_step_as_a_copy() -> None:
+    from stars.synthesis.synthesizers import LowestLoss
+
+    best = LowestLoss()
+    with pytest.raises(RuntimeError, match="no step"):
+        _ = best.images
+    x = torch.zeros(2, 3)
+    for i, total in enumerate([3.0, 1.0, 1.0, 2.0]):
+        x.fill_(i)  # the caller's tensor changes in place after each offer
+        best.offer(torch.tensor(total), x)
+    assert best.trace == [3.0, 1.0, 1.0, 2.0]
+    assert torch.equal(best.images, torch.ones(2, 3))  # step 1, not the tie at step 2

@@ -7,17 +7,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from stars.models.protocols import SpikingStudent
 from stars.synthesis.generators import PixelGenerator
 from stars.synthesis.objective import ObjectiveOutput
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.synthesizers import (
+    LowestLoss,
     SynthesisContext,
     SynthesizerBase,
     maybe_frozen,
-    step_value,
 )
 
 __all__ = ["DeepInversionSynthesizer"]
@@ -52,23 +51,19 @@ class DeepInversionSynthesizer(SynthesizerBase):
         y = ctx.labels(n)
         gen = PixelGenerator(n, ctx.channels, ctx.image_size, generator=ctx.rng).to(ctx.device)
         opt = torch.optim.Adam(gen.parameters(), lr=self.lr, betas=(0.5, 0.9), eps=1e-8)
-        best: tuple[float, Tensor] | None = None
+        best = LowestLoss()
         out: ObjectiveOutput | None = None
-        trace: list[float] = []
         with maybe_frozen(student):
             for _ in range(self.iterations):
                 x = gen()
                 x_aug = ctx.augment(x, max_shift=self.jitter, flip=self.flip)
                 out = ctx.objective(x_aug, y, student)
-                value = step_value(out.total)
-                trace.append(value)
-                if best is None or value < best[0]:
-                    best = (value, x.detach().clone())
+                best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)
                 opt.step()
-        assert best is not None and out is not None
-        return ctx.finish(best[1], y, out, trace)
+        assert out is not None
+        return ctx.finish(best.images, y, out, best.trace)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ctx": self.ctx.state_dict()}

@@ -10,18 +10,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from stars.models.protocols import SpikingStudent
 from stars.synthesis.objective import ObjectiveOutput
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.synthesizers import (
     GeneratorState,
+    LowestLoss,
     SynthesisContext,
     SynthesizerBase,
     maybe_frozen,
     seeded_generator,
-    step_value,
 )
 
 __all__ = ["FastSynthesizer"]
@@ -88,9 +88,8 @@ class FastSynthesizer(SynthesizerBase):
             lr=self.lr_g,
             betas=(0.5, 0.999),
         )
-        best: tuple[float, Tensor] | None = None
+        best = LowestLoss()
         out: ObjectiveOutput | None = None
-        trace: list[float] = []
         if self.meta:
             self.meta_opt.zero_grad(set_to_none=True)
         with maybe_frozen(student):
@@ -98,16 +97,13 @@ class FastSynthesizer(SynthesizerBase):
                 x = ctx.generate(fast, z)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
                 out = ctx.objective(x_aug, y, student, student_active=student_active)
-                value = step_value(out.total)
-                trace.append(value)
-                if best is None or value < best[0]:
-                    best = (value, x.detach().clone())
+                best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)
                 if self.meta:
                     _accumulate_grads(self.generator, fast)
                 opt.step()
-        assert best is not None and out is not None
+        assert out is not None
         ctx.objective.update_momentum(out.stats)
         if self.meta:
             self.meta_opt.step()
@@ -115,7 +111,7 @@ class FastSynthesizer(SynthesizerBase):
             self.meta_opt.zero_grad(set_to_none=True)
             _reptile_grads(self.generator, fast)
             self.meta_opt.step()
-        return ctx.finish(best[1], y, out, trace)
+        return ctx.finish(best.images, y, out, best.trace)
 
     def state_dict(self) -> dict[str, Any]:
         state = self._state.state_dict()

@@ -79,10 +79,10 @@ from stars.synthesis.generators import Normalize, conv_body
 from stars.synthesis.objective import ObjectiveOutput
 from stars.synthesis.protocols import SynthesisStep
 from stars.synthesis.synthesizers import (
+    LowestLoss,
     SynthesisContext,
     SynthesizerBase,
     maybe_frozen,
-    step_value,
 )
 
 __all__ = [
@@ -309,24 +309,20 @@ class NAYERSynthesizer(SynthesizerBase):
         student_active = ctx.epoch >= self.warmup_epochs
         gen.train()
         opt = torch.optim.Adam(gen.parameters(), lr=self.lr_g, betas=(0.5, 0.999))
-        best: tuple[float, Tensor] | None = None
+        best = LowestLoss()
         out: ObjectiveOutput | None = None
-        trace: list[float] = []
         with maybe_frozen(student):
             for _ in range(self.g_steps):
                 x = ctx.generate(gen, None, y)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
                 out = ctx.objective(x_aug, y, student, student_active=student_active)
-                value = step_value(out.total)
-                trace.append(value)
-                if best is None or value < best[0]:
-                    best = (value, x.detach().clone())
+                best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)
                 opt.step()
-        assert best is not None and out is not None
+        assert out is not None
         ctx.objective.update_momentum(out.stats)
-        return ctx.finish(best[1], y, out, trace)
+        return ctx.finish(best.images, y, out, best.trace)
 
     def state_dict(self) -> dict[str, Any]:
         """The context (bank, random state, BN momentum, epoch), the generator (body, noisy
