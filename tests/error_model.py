@@ -22,10 +22,21 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 U32 = 2.0**-24
 """Unit roundoff of float32."""
 U64 = 2.0**-53
 """Unit roundoff of float64."""
+
+COMPUTE_DTYPES = [
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+]
+"""(input dtype, the dtype the membrane replay and the firing maps compute in): float64
+stays float64, every other floating dtype is computed in float32."""
 
 
 def mean_error(m: int, a: float, u: float = U32) -> float:

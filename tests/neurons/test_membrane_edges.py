@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from error_model import U32, U64
+from error_model import COMPUTE_DTYPES, U32, U64
 
 from stars.config import NeuronConfig
 from stars.neurons import build_neuron
@@ -145,15 +145,7 @@ def test_soft_firing_hand_values() -> None:
 # ----------------------------------------------------------------------------- dtypes, devices
 
 
-@pytest.mark.parametrize(
-    ("dtype", "out"),
-    [
-        (torch.float64, torch.float64),
-        (torch.float32, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-    ],
-)
+@pytest.mark.parametrize(("dtype", "out"), COMPUTE_DTYPES)
 def test_dtypes_of_the_replay_and_the_map(dtype: torch.dtype, out: torch.dtype) -> None:
     """Potentials and maps in float32 (float64 for float64 input); the map's gradient in the
     input's dtype. Inputs at the threshold of an IF neuron that never fired: H[0] = V_th."""

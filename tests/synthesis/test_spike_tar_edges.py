@@ -11,7 +11,7 @@ from typing import Literal
 
 import pytest
 import torch
-from error_model import U32, U64
+from error_model import COMPUTE_DTYPES, U32, U64
 
 from stars.config import NeuronConfig, SpikeTARConfig
 from stars.neurons import build_neuron
@@ -101,15 +101,7 @@ def test_student_firing_map_hand_values_and_shapes() -> None:
     torch.testing.assert_close(a4, expected[:, None].expand(3, 5), rtol=0.0, atol=16 * U64)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "out"),
-    [
-        (torch.float64, torch.float64),
-        (torch.float32, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-    ],
-)
+@pytest.mark.parametrize(("dtype", "out"), COMPUTE_DTYPES)
 def test_student_firing_map_dtype(dtype: torch.dtype, out: torch.dtype) -> None:
     h = torch.ones(2, 3, 4, 2, 2, dtype=dtype)
     a = student_firing_map(h, v_threshold=1.0, tau=0.5)
