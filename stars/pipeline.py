@@ -161,7 +161,7 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
     teacher: Teacher = ann
     student: SpikingStudent = snn
     if cfg.compile:
-        teacher, student = maybe_compile(ann), maybe_compile(snn)
+        teacher, student = maybe_compile(ann), maybe_compile(snn, graph=device.type != "cpu")
     synth_cfg = cfg
     if info.enabled:
         for field_path, size in (

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import numpy as np
 import torch
+import torch._functorch.config
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,6 +37,7 @@ __all__ = [
     "CompiledModel",
     "MetricsLog",
     "autocast",
+    "eager_forwards",
     "make_run_dir",
     "maybe_compile",
     "progress_bar",
@@ -227,6 +229,11 @@ class CompiledModel(nn.Module):
     def __init__(self, inner: ANNTeacher | SpikingClassifier) -> None:
         super().__init__()
         self.inner = inner
+        # No buffers donated to backward (a process-wide setting, read when a backward graph
+        # is compiled, lazily at the first backward): the gradient diagnostics (grad_norms)
+        # differentiate one graph once per term (retain_graph=True), which a graph with
+        # donated buffers refuses.
+        torch._functorch.config.donated_buffer = False
         self._forward: Any = torch.compile(inner.forward)
         self._features: Any = torch.compile(inner.forward_features)
         self.eager = False
@@ -263,17 +270,48 @@ class CompiledModel(nn.Module):
         return self.inner.load_state_dict(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def eager_forwards(*models: object) -> Iterator[None]:
+    """Inside the block, :class:`CompiledModel` s among ``models`` run their eager forwards.
+
+    For the gradient diagnostics (``SynthesisObjective.grad_norms``), which differentiate one
+    graph once per term (``retain_graph=True``): through inductor's compiled backward on one
+    thread every term after the first got a different gradient (torch 2.14; caught by
+    ``tests/test_precision.py``), so they are taken eagerly."""
+    switched = [m for m in models if isinstance(m, CompiledModel) and not m.eager]
+    for m in switched:
+        m.eager = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.eager = False
+
+
 _Model = TypeVar("_Model", bound="ANNTeacher | SpikingClassifier")
 
 
-def maybe_compile(model: _Model) -> _Model | CompiledModel:
+def maybe_compile(model: _Model, *, graph: bool = True) -> _Model | CompiledModel:
     """``torch.compile`` the model's forwards; on failure warn and keep the eager model.
+
+    Its multi-step neurons also switch to the compiled CPU operator
+    (:func:`stars.neurons.fused.compiled_multi_step`). With ``graph=False`` that is all:
+    the model's own forwards stay eager (what ``compile: true`` does to a student on the
+    CPU, where inductor's max-pool and BN backward kernels made the whole-graph student
+    slower than eager layers around compiled neurons: benchmarks/README.md).
 
     A compiled teacher (student) is still a :class:`~stars.models.protocols.Teacher`
     (:class:`~stars.models.protocols.SpikingStudent`): the wrapper forwards every other
     attribute to the model."""
     import warnings
 
+    from stars.neurons.spikingjelly_neurons import MultiStepNeuron
+
+    for module in model.modules():
+        if isinstance(module, MultiStepNeuron):
+            module.compiled = True
+    if not graph:
+        return model
     try:
         return CompiledModel(model)
     except Exception as exc:  # torch.compile raises many kinds; eager is always correct

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import torch
 from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
+from stars.neurons.fused import _kernels
 from stars.pipeline import build_components
 from stars.recipes.distill import run_distill
+from stars.runtime import CompiledModel
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,17 @@ def test_bf16_changes_the_numbers(cfg_path: Path) -> None:
     assert abs(sa.losses["bn"] - sb.losses["bn"]) < 0.05 * abs(sa.losses["bn"]) + 1e-3
 
 
+@pytest.fixture
+def fresh_kernels() -> Iterator[None]:
+    """The neuron kernels are built (``torch.compile``) on first use: rebuild them under the
+    test's patched ``torch.compile``, and again after it."""
+    _kernels.cache_clear()
+    yield
+    _kernels.cache_clear()
+
+
 def test_compile_failure_falls_back_with_a_warning(
-    cfg_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_kernels: None
 ) -> None:
     def broken_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
         def call(*a: Any, **k: Any) -> Any:
@@ -59,7 +71,14 @@ def test_compile_failure_falls_back_with_a_warning(
     comp = build_components(load_config(cfg_path, ["compile=true"]))
     x = torch.randn(3, 3, 32, 32)
     with pytest.warns(UserWarning, match="torch.compile failed"):
+        comp.teacher(x)
+    # on the CPU the student's layers stay eager and only its neurons are compiled: the
+    # failing neuron kernels fall back to the same function, eagerly
+    assert not isinstance(comp.student, CompiledModel)
+    with pytest.warns(UserWarning, match="torch.compile failed for the neuron kernel"):
         out = comp.student(x)
+    # the same spikes as the eager operator (no potential of this input is within float32
+    # rounding of the threshold), hence the same logits
     assert torch.equal(out, eager.student(x))
     assert comp.student.state_dict().keys() == eager.student.state_dict().keys()
     n_bn = len(comp.student.bn_layers())
@@ -67,7 +86,7 @@ def test_compile_failure_falls_back_with_a_warning(
 
 
 def test_compile_uses_the_compiled_function(
-    cfg_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_kernels: None
 ) -> None:
     calls: list[str] = []
 
@@ -82,4 +101,35 @@ def test_compile_uses_the_compiled_function(
     comp = build_components(load_config(cfg_path, ["compile=true"]))
     comp.synthesizer.synthesize(comp.student)
     comp.distiller.step(comp.synthesizer.sample(8))
-    assert "forward_features" in calls
+    assert "forward_features" in calls  # the teacher's
+    assert {"_sequence_spikes", "_sequence_input_grad"} <= set(calls)  # the neurons'
+    assert isinstance(comp.teacher, CompiledModel)
+    assert all(n.compiled for _, n in comp.student.spiking_neurons())
+
+
+def test_the_gradient_diagnostics_run_through_the_compiled_teacher(
+    cfg_path: Path, fresh_kernels: None
+) -> None:
+    """``grad_norms`` (the calibration at synthesis and the end-of-run ``term_gradients``)
+    differentiates each term with ``retain_graph=True``, which a compiled graph that donates
+    its buffers to backward refuses. A real compile: the norms match the eager teacher's.
+
+    Error model: inductor reorders the float32 sums of the forward and backward; over this
+    teacher's reductions (at most a few thousand terms) that moves each norm by far less than
+    n u = 4096 * 2^-24 < 3e-4 relative, so rtol 1e-3."""
+    from stars.recipes.distill import term_gradients
+
+    eager = build_components(load_config(cfg_path))
+    comp = build_components(load_config(cfg_path, ["compile=true"]))
+    comp.student.load_state_dict(eager.student.state_dict())
+    assert isinstance(comp.teacher, CompiledModel)
+    for c in (eager, comp):
+        c.synthesizer.synthesize(c.student)
+    x = eager.synthesizer.sample(8)
+    y = eager.teacher(x).argmax(1)
+    want = eager.synthesizer.objective.grad_norms(x, y, eager.student)
+    got = comp.synthesizer.objective.grad_norms(x, y, comp.student)
+    assert set(got) == set(want) and "bn" in want
+    for name, value in want.items():
+        assert math.isclose(got[name], value, rel_tol=1e-3, abs_tol=1e-6), name
+    assert term_gradients(comp)  # the end-of-run record, on the compiled components

@@ -32,15 +32,18 @@ Backward through time (``c`` is the gradient reaching ``V[t]`` from step ``t + 1
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch._dynamo.config
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FusedNeuronParams", "fused_multi_step"]
+__all__ = ["FusedNeuronParams", "compiled_multi_step", "fused_multi_step"]
 
 
 @dataclass(frozen=True)
@@ -158,4 +161,174 @@ def fused_multi_step(x_seq: Tensor, params: FusedNeuronParams) -> Tensor:
     Differentiable once (the surrogate gradient); no graph is kept beyond the input.
     """
     spikes: Tensor = _FusedMultiStep.apply(x_seq, params)
+    return spikes
+
+
+# --- the compiled kernels (``compile: true``) --------------------------------------------
+#
+# The same dynamics, written functionally over a whole sequence ``[T, M]`` so that inductor
+# turns each direction into one loop over the elements that keeps the membrane in registers
+# across the T steps (one read of the input and one write of the spikes; backward recomputes
+# H the same way). Traced inside a model's own graph instead, the operator above is unrolled
+# into inductor's fused BN-backward kernels, which then recompute the recurrence per
+# reduction: slower than eager (benchmarks/README.md). The custom ops below keep it opaque
+# to that graph. The float constants travel as a tensor, so that a threshold changed at run
+# time does not recompile; the structure (IF or LIF, reset, surrogate) is compiled in.
+
+
+@dataclass(frozen=True)
+class _Structure:
+    leaky: bool
+    decay_input: bool
+    hard_reset: bool
+    detach_reset: bool
+    atan: bool
+
+
+def _structure_and_constants(p: FusedNeuronParams) -> tuple[_Structure, list[float]]:
+    structure = _Structure(
+        leaky=p.tau is not None,
+        decay_input=p.decay_input and p.tau is not None,
+        hard_reset=p.v_reset is not None,
+        detach_reset=p.detach_reset,
+        atan=p.surrogate == "atan",
+    )
+    k = 0.0 if p.tau is None else 1.0 / p.tau
+    vr = 0.0 if p.v_reset is None else p.v_reset
+    return structure, [k, 1.0 - k, p.v_threshold, vr, p.alpha]
+
+
+def _potentials(x2d: Tensor, c: Tensor, s: _Structure) -> list[Tensor]:
+    """H[t] for every step of ``x2d [T, M]`` (constants ``c``: 1/tau, 1 - 1/tau, V_th, V_r,
+    alpha), in the membrane's dtype."""
+    k, leak, v_th, v_r = c[0], c[1], c[2], c[3]
+    v = torch.zeros_like(x2d[0], dtype=_compute_dtype(x2d.dtype)) + v_r
+    hs = []
+    for t in range(x2d.shape[0]):
+        x = x2d[t].to(v.dtype)
+        if s.leaky:
+            h = v * leak + (x * k if s.decay_input else x) + v_r * k
+        else:
+            h = v + x
+        hs.append(h)
+        fired = h >= v_th
+        v = torch.where(fired, v_r, h) if s.hard_reset else h - fired.to(h.dtype) * v_th
+    return hs
+
+
+def _sequence_spikes(x2d: Tensor, c: Tensor, s: _Structure) -> Tensor:
+    return torch.stack([(h >= c[2]).to(x2d.dtype) for h in _potentials(x2d, c, s)])
+
+
+def _sequence_input_grad(x2d: Tensor, g2d: Tensor, c: Tensor, s: _Structure) -> Tensor:
+    hs = _potentials(x2d, c, s)
+    k, leak, v_th, v_r, alpha = c[0], c[1], c[2], c[3], c[4]
+    out: list[Tensor] = []
+    carry: Tensor | None = None
+    for t in range(len(hs) - 1, -1, -1):
+        h = hs[t]
+        z = h - v_th
+        if s.atan:
+            sg = (alpha / 2) / (1.0 + (math.pi / 2 * alpha * z) ** 2)
+        else:
+            sig = torch.sigmoid(alpha * z)
+            sg = sig * (1.0 - sig) * alpha
+        dh = g2d[t].to(h.dtype) * sg
+        if carry is not None:
+            if s.hard_reset:
+                dv_dh = (h < v_th).to(h.dtype)
+                if not s.detach_reset:
+                    dv_dh = dv_dh + (v_r - h) * sg
+                dh = dh + carry * dv_dh
+            else:
+                dh = dh + (carry if s.detach_reset else carry * (1.0 - v_th * sg))
+        carry = dh * leak if s.leaky else dh
+        out.append((dh * k if s.leaky and s.decay_input else dh).to(x2d.dtype))
+    return torch.stack(out[::-1])
+
+
+@functools.cache
+def _kernels() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The two sequence functions under ``torch.compile`` (compiled on first use: one kernel
+    per input dtype and structure, for any size and constants)."""
+    fwd: Callable[..., Tensor] = torch.compile(_sequence_spikes, dynamic=True)
+    bwd: Callable[..., Tensor] = torch.compile(_sequence_input_grad, dynamic=True)
+    return fwd, bwd
+
+
+def _run(which: int, *args: Any) -> Tensor:
+    """Kernel ``which`` (0: spikes, 1: input gradient); if compiling or running it fails,
+    warn and compute the same function eagerly."""
+    try:
+        # one compiled variant per dtype, structure, T and broadcast input: more than
+        # dynamo's default of 8 in a process that tries many (the tests)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return _kernels()[which](*args)
+    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
+        import warnings
+
+        warnings.warn(
+            f"torch.compile failed for the neuron kernel ({exc}); running it eagerly",
+            stacklevel=2,
+        )
+    return (_sequence_spikes, _sequence_input_grad)[which](*args)
+
+
+_FLAGS = ("leaky", "decay_input", "hard_reset", "detach_reset", "atan")
+
+
+def _unpack(flags: list[bool]) -> _Structure:
+    return _Structure(**dict(zip(_FLAGS, flags, strict=True)))
+
+
+@torch.library.custom_op("stars::compiled_spikes", mutates_args=())
+def _spikes_op(x_seq: Tensor, constants: Tensor, flags: list[bool]) -> Tensor:
+    x2d = x_seq.reshape(x_seq.shape[0], -1)
+    return _run(0, x2d, constants, _unpack(flags)).view(x_seq.shape)
+
+
+@_spikes_op.register_fake
+def _(x_seq: Tensor, constants: Tensor, flags: list[bool]) -> Tensor:
+    return torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
+
+
+@torch.library.custom_op("stars::compiled_spikes_backward", mutates_args=())
+def _spikes_backward_op(
+    x_seq: Tensor, grad_spikes: Tensor, constants: Tensor, flags: list[bool]
+) -> Tensor:
+    steps = x_seq.shape[0]
+    x2d = x_seq.reshape(steps, -1)
+    g2d = grad_spikes.reshape(steps, -1)
+    return _run(1, x2d, g2d, constants, _unpack(flags)).view(x_seq.shape)
+
+
+@_spikes_backward_op.register_fake
+def _(x_seq: Tensor, grad_spikes: Tensor, constants: Tensor, flags: list[bool]) -> Tensor:
+    return torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x_seq, constants, flags = inputs
+    ctx.save_for_backward(x_seq, constants)
+    ctx.flags = flags
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    x_seq, constants = ctx.saved_tensors
+    return _spikes_backward_op(x_seq, grad, constants, ctx.flags), None, None
+
+
+_spikes_op.register_autograd(_backward, setup_context=_setup)
+
+
+def compiled_multi_step(x_seq: Tensor, params: FusedNeuronParams) -> Tensor:
+    """:func:`fused_multi_step` with both directions compiled by ``torch.compile`` (the
+    ``compile: true`` path on CPU): the same spikes and surrogate gradients up to the order
+    of float rounding (inductor may contract or reorder the charge's sums; the error model of
+    ``tests/neurons/parity.py`` holds for any order). Backward keeps only the input. The
+    first call per input dtype and neuron structure compiles (seconds)."""
+    structure, constants = _structure_and_constants(params)
+    c = torch.tensor(constants, dtype=_compute_dtype(x_seq.dtype), device=x_seq.device)
+    flags = [getattr(structure, name) for name in _FLAGS]
+    spikes: Tensor = _spikes_op(x_seq, c, flags)
     return spikes

@@ -41,7 +41,7 @@ from spikingjelly.activation_based import surrogate as sj_surrogate
 from torch import Tensor, nn
 
 from stars.config import NeuronKind
-from stars.neurons.fused import FusedNeuronParams, fused_multi_step
+from stars.neurons.fused import FusedNeuronParams, compiled_multi_step, fused_multi_step
 
 __all__ = [
     "MultiStepNeuron",
@@ -135,6 +135,9 @@ class MultiStepNeuron(nn.Module):
         self.node = node
         self.kind: NeuronKind = kind
         self.backend: NeuronBackend = backend
+        self.compiled = False
+        """Use :func:`~stars.neurons.fused.compiled_multi_step` for the CPU operator (set by
+        ``compile: true`` through :func:`stars.runtime.maybe_compile`)."""
         self._checked_devices: set[torch.device] = set()
 
     def _fused_params(self) -> FusedNeuronParams | None:
@@ -233,7 +236,8 @@ class MultiStepNeuron(nn.Module):
         if x_seq.device.type == "cpu":
             params = self._fused_params()  # cheap; rebuilt so threshold changes apply
             if params is not None:
-                return fused_multi_step(x_seq, params)
+                op = compiled_multi_step if self.compiled else fused_multi_step
+                return op(x_seq, params)
         v_reset = self.v_reset
         # The membrane potential is kept in float32 for half-precision inputs (more
         # accurate, and what spikingjelly's fused kernels expect), else in the input dtype.

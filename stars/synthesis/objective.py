@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from stars.config import StarsConfig
 from stars.models.protocols import Network, SpikingStudent, Teacher
 from stars.neurons.membrane import MembraneTap
-from stars.runtime import autocast
+from stars.runtime import autocast, eager_forwards
 from stars.synthesis import losses as L
 from stars.synthesis.priors import (
     BNPrior,
@@ -334,11 +334,12 @@ class SynthesisObjective:
         weight 1 when off). Logged at the start of synthesis to calibrate the STARS weights
         against the BN term."""
         x = x.detach().requires_grad_(True)
-        if student is not None:
-            with frozen(student):
+        with eager_forwards(self.teacher, student):
+            if student is not None:
+                with frozen(student):
+                    out = self(x, y, student, grad_inactive=True, calibrate=False)
+            else:
                 out = self(x, y, student, grad_inactive=True, calibrate=False)
-        else:
-            out = self(x, y, student, grad_inactive=True, calibrate=False)
         norms: dict[str, float] = {}
         for term in self.terms:
             weight = term.grad_weight()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from stars.neurons.membrane import MembraneParams
+from stars.neurons.reference import ReferenceNeuron
 
 
 @dataclass(frozen=True)
@@ -144,3 +145,50 @@ def gradient_tolerance(
     # (T + 2) u of the magnitude: the last product's rounding, and the sum over the T steps of
     # a gradient broadcast over time
     return magnitude(1.0) - exact + (g.shape[0] + 2) * u * exact
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What an implementation in precision ``u`` must reproduce on one input (see
+    :func:`expectation`)."""
+
+    truth: Truth
+    clean: Tensor
+    """``[T, N, *]``: steps whose spikes must equal the truth's."""
+    whole: Tensor
+    """Elements (shaped like the input's gradient) whose every step is clean."""
+    exact: Tensor
+    """The float64 reference's input gradient."""
+    tol: Tensor
+    """Bound on an implementation's gradient error there (plus the reference's own)."""
+
+
+def expectation(base: Tensor, steps: int, upstream: Tensor, p: Neuron, u: float) -> Expectation:
+    """The float64 truth for ``base`` (``[T, N, *]``, or ``[N, *]`` broadcast over ``steps``)
+    under ``L = sum(S * upstream)``."""
+    broadcast = base.ndim == upstream.ndim - 1
+    x_seq = base.expand(steps, *base.shape) if broadcast else base
+    truth = trajectory(x_seq, p)
+    clean = clean_steps(x_seq, truth, p, u)
+    tol = gradient_tolerance(x_seq, upstream, truth, p, u) + gradient_tolerance(
+        x_seq, upstream, truth, p, 2.0**-53
+    )
+    whole = clean.all(0)
+    if broadcast:
+        tol = tol.sum(0)
+    else:
+        whole = whole.expand(x_seq.shape)
+    reference = ReferenceNeuron(
+        "if" if p.tau is None else "lif",
+        tau=p.tau if p.tau is not None else 2.0,
+        v_threshold=p.v_threshold,
+        v_reset=p.v_reset,
+        decay_input=p.decay_input,
+        detach_reset=p.detach_reset,
+        surrogate="atan" if p.surrogate == "atan" else "sigmoid",
+        alpha=p.alpha,
+    )
+    x = base.detach().double().requires_grad_(True)
+    spikes = reference(x.expand(steps, *x.shape) if broadcast else x)
+    (exact,) = torch.autograd.grad((spikes * upstream.double()).sum(), x)
+    return Expectation(truth, clean, whole, exact, tol)

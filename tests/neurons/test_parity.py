@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 from torch import nn
 
-from neurons.parity import Neuron, clean_steps, gradient_tolerance, trajectory
+from neurons.parity import Neuron, clean_steps, expectation, gradient_tolerance, trajectory
 from stars.config import NeuronConfig
 from stars.neurons import MultiStepNeuron, ReferenceNeuron, build_neuron
 
@@ -102,40 +102,29 @@ def test_every_path_agrees_with_the_float64_truth(
     upstream = torch.randn(steps, batch, features, generator=gen, dtype=torch.float64).to(dtype)
     fused = build_neuron(cfg)
     p = _constants(cfg, fused)
-    x_seq = base.expand(steps, batch, features)
-    truth = trajectory(x_seq, p)
     u = U32 if dtype == torch.float32 else U64
-    clean = clean_steps(x_seq, truth, p, u)
-    whole = clean.all(0)  # elements whose every step is clean
-    tol = gradient_tolerance(x_seq, upstream, truth, p, u) + gradient_tolerance(
-        x_seq, upstream, truth, p, U64
-    )
-    reference = ReferenceNeuron(
-        "if" if kind == "if" else "lif",
-        tau=p.tau if p.tau is not None else 2.0,
-        v_threshold=p.v_threshold,
-        v_reset=p.v_reset,
-        decay_input=p.decay_input,
-        detach_reset=p.detach_reset,
-        surrogate=surrogate,
-        alpha=p.alpha,
-    )
-    _, exact = _run(reference, base.double(), steps, upstream.double())
-    if broadcast:
-        tol, whole = tol.sum(0), whole
-    else:
-        whole = whole.expand(steps, batch, features)
+    want = expectation(base, steps, upstream, p, u)
     paths: dict[str, nn.Module] = {
         "fused": fused,
         "spikingjelly": build_neuron(cfg.model_copy(update={"backend": "torch"})),
-        "reference": reference,
+        "reference": ReferenceNeuron(
+            "if" if kind == "if" else "lif",
+            tau=p.tau if p.tau is not None else 2.0,
+            v_threshold=p.v_threshold,
+            v_reset=p.v_reset,
+            decay_input=p.decay_input,
+            detach_reset=p.detach_reset,
+            surrogate=surrogate,
+            alpha=p.alpha,
+        ),
     }
     for name, neuron in paths.items():
         spikes, grad = _run(neuron, base, steps, upstream)
         assert spikes.dtype == dtype, name
-        assert torch.equal(spikes.double()[clean], truth.s[clean]), name
-        err = (grad.double() - exact).abs()
-        assert bool((err[whole] <= tol[whole]).all()), (name, float((err - tol).max()))
+        assert torch.equal(spikes.double()[want.clean], want.truth.s[want.clean]), name
+        err = (grad.double() - want.exact).abs()
+        ok = err[want.whole] <= want.tol[want.whole]
+        assert bool(ok.all()), (name, float((err - want.tol).max()))
 
 
 @st.composite
