@@ -521,7 +521,9 @@ class _RunCommon(_Frozen):
     channels_last: bool = False
     """Convolutions in channels-last memory format (faster on GPUs with tensor cores)."""
     compile: bool = False
-    """Wrap teacher and student in ``torch.compile``; falls back with a warning if it fails."""
+    """``torch.compile``: the teacher's forwards, and the student's (on CPU its neurons'
+    recurrence only, :func:`stars.neurons.fused.compiled_multi_step`; elsewhere its forwards
+    too). Falls back to eager with a warning if compiling fails."""
     tensorboard: bool = False
     """Also write ``metrics.jsonl``'s scalars (and, for ``distill``, the synthetic grid) as
     TensorBoard events in ``RUN_DIR/tensorboard`` (:mod:`stars.tensorboard_log`)."""
