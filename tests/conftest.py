@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +105,15 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = {"kind": "teacher", "arch": "resnet20", "num_classes": 10, "image_size": 32}
     save_model(build_teacher_arch("resnet20", num_classes=10), path, meta)
     return path
+
+
+@pytest.fixture
+def fresh_kernels() -> Iterator[None]:
+    """The compiled neuron kernels (``stars.neurons.fused``) are built by ``torch.compile`` on
+    first use and cached: rebuild them under a test's patched ``torch.compile``, and again
+    after it."""
+    from stars.neurons.fused import _kernels
+
+    _kernels.cache_clear()
+    yield
+    _kernels.cache_clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import torch
 from tiny_run import STARS_ON, records, tiny_run_config
 
 from stars.config import load_config
-from stars.neurons.fused import _kernels
 from stars.pipeline import build_components
 from stars.recipes.distill import run_distill
 from stars.runtime import CompiledModel
@@ -46,15 +44,6 @@ def test_bf16_changes_the_numbers(cfg_path: Path) -> None:
     sa, sb = a.synthesizer.synthesize(a.student), b.synthesizer.synthesize(b.student)
     assert sa.losses["bn"] != sb.losses["bn"], "autocast must actually be in effect"
     assert abs(sa.losses["bn"] - sb.losses["bn"]) < 0.05 * abs(sa.losses["bn"]) + 1e-3
-
-
-@pytest.fixture
-def fresh_kernels() -> Iterator[None]:
-    """The neuron kernels are built (``torch.compile``) on first use: rebuild them under the
-    test's patched ``torch.compile``, and again after it."""
-    _kernels.cache_clear()
-    yield
-    _kernels.cache_clear()
 
 
 def test_compile_failure_falls_back_with_a_warning(

@@ -9,7 +9,6 @@ freely, as they do not recompile. Four structures cover every branch of the kern
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import pytest
@@ -23,7 +22,6 @@ from torch import nn
 from neurons.parity import Neuron, expectation
 from stars.neurons.fused import (
     FusedNeuronParams,
-    _kernels,
     compiled_multi_step,
     fused_multi_step,
 )
@@ -151,13 +149,6 @@ def test_backward_keeps_only_the_input() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compiled_multi_step(x, p)
     assert sum(storages.values()) == x.untyped_storage().nbytes() + 5 * 4
-
-
-@pytest.fixture
-def fresh_kernels() -> Iterator[None]:
-    _kernels.cache_clear()
-    yield
-    _kernels.cache_clear()
 
 
 def test_a_failing_compiler_falls_back_to_the_same_function_eagerly(
