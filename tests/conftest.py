@@ -117,3 +117,17 @@ def fresh_kernels() -> Iterator[None]:
     _kernels.cache_clear()
     yield
     _kernels.cache_clear()
+
+
+@pytest.fixture
+def broken_compile(monkeypatch: pytest.MonkeyPatch, fresh_kernels: None) -> None:
+    """``torch.compile`` returns functions that raise when called (a compiler that fails),
+    with the neuron kernels rebuilt under it."""
+
+    def compile_(fn: object, *args: object, **kwargs: object) -> object:
+        def call(*a: object, **k: object) -> object:
+            raise RuntimeError("backend exploded")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_)

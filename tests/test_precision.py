@@ -46,16 +46,7 @@ def test_bf16_changes_the_numbers(cfg_path: Path) -> None:
     assert abs(sa.losses["bn"] - sb.losses["bn"]) < 0.05 * abs(sa.losses["bn"]) + 1e-3
 
 
-def test_compile_failure_falls_back_with_a_warning(
-    cfg_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_kernels: None
-) -> None:
-    def broken_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        def call(*a: Any, **k: Any) -> Any:
-            raise RuntimeError("backend exploded")
-
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+def test_compile_failure_falls_back_with_a_warning(cfg_path: Path, broken_compile: None) -> None:
     eager = build_components(load_config(cfg_path))
     comp = build_components(load_config(cfg_path, ["compile=true"]))
     x = torch.randn(3, 3, 32, 32)

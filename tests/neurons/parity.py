@@ -147,6 +147,20 @@ def gradient_tolerance(
     return magnitude(1.0) - exact + (g.shape[0] + 2) * u * exact
 
 
+def reference_neuron(p: Neuron) -> ReferenceNeuron:
+    """The reference equations' module for ``p`` (PLIF: its current tau, as a LIF)."""
+    return ReferenceNeuron(
+        "if" if p.tau is None else "lif",
+        tau=p.tau if p.tau is not None else 2.0,
+        v_threshold=p.v_threshold,
+        v_reset=p.v_reset,
+        decay_input=p.decay_input,
+        detach_reset=p.detach_reset,
+        surrogate="atan" if p.surrogate == "atan" else "sigmoid",
+        alpha=p.alpha,
+    )
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What an implementation in precision ``u`` must reproduce on one input (see
@@ -178,16 +192,7 @@ def expectation(base: Tensor, steps: int, upstream: Tensor, p: Neuron, u: float)
         tol = tol.sum(0)
     else:
         whole = whole.expand(x_seq.shape)
-    reference = ReferenceNeuron(
-        "if" if p.tau is None else "lif",
-        tau=p.tau if p.tau is not None else 2.0,
-        v_threshold=p.v_threshold,
-        v_reset=p.v_reset,
-        decay_input=p.decay_input,
-        detach_reset=p.detach_reset,
-        surrogate="atan" if p.surrogate == "atan" else "sigmoid",
-        alpha=p.alpha,
-    )
+    reference = reference_neuron(p)
     x = base.detach().double().requires_grad_(True)
     spikes = reference(x.expand(steps, *x.shape) if broadcast else x)
     (exact,) = torch.autograd.grad((spikes * upstream.double()).sum(), x)

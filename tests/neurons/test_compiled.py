@@ -152,15 +152,8 @@ def test_backward_keeps_only_the_input() -> None:
 
 
 def test_a_failing_compiler_falls_back_to_the_same_function_eagerly(
-    monkeypatch: pytest.MonkeyPatch, fresh_kernels: None
+    broken_compile: None,
 ) -> None:
-    def broken_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        def call(*a: Any, **k: Any) -> Any:
-            raise RuntimeError("backend exploded")
-
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
     p = FusedNeuronParams(2.0, True, 0.5, 0.0, False, "sigmoid", 4.0)
     x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     upstream = torch.randn(3, 5, 4, dtype=torch.float64)

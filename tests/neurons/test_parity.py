@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 from torch import nn
 
-from neurons.parity import Neuron, clean_steps, expectation, gradient_tolerance, trajectory
+from neurons.parity import (
+    Neuron,
+    clean_steps,
+    expectation,
+    gradient_tolerance,
+    reference_neuron,
+    trajectory,
+)
 from stars.config import NeuronConfig
 from stars.neurons import MultiStepNeuron, ReferenceNeuron, build_neuron
 
@@ -107,16 +114,7 @@ def test_every_path_agrees_with_the_float64_truth(
     paths: dict[str, nn.Module] = {
         "fused": fused,
         "spikingjelly": build_neuron(cfg.model_copy(update={"backend": "torch"})),
-        "reference": ReferenceNeuron(
-            "if" if kind == "if" else "lif",
-            tau=p.tau if p.tau is not None else 2.0,
-            v_threshold=p.v_threshold,
-            v_reset=p.v_reset,
-            decay_input=p.decay_input,
-            detach_reset=p.detach_reset,
-            surrogate=surrogate,
-            alpha=p.alpha,
-        ),
+        "reference": reference_neuron(p),
     }
     for name, neuron in paths.items():
         spikes, grad = _run(neuron, base, steps, upstream)
