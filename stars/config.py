@@ -218,6 +218,20 @@ class StudentConfig(_Frozen):
     arch: StudentArch = "spiking_resnet18"
     T: Annotated[int, Field(ge=1, le=64)] = 4
     neuron: NeuronConfig = NeuronConfig()
+    encoder_v_threshold: PosFloat | None = None
+    """The threshold of the encoder's neurons alone (the first spiking layer, which turns the
+    direct encoder's currents into spikes); every other neuron keeps ``neuron.v_threshold``.
+    null: ``neuron.v_threshold`` everywhere. A control for where the student fires
+    (benchmarks/README.md, the encoder-only firing control)."""
+
+    @model_validator(mode="after")
+    def _encoder_reset_below_threshold(self) -> StudentConfig:
+        vth, v_reset = self.encoder_v_threshold, self.neuron.v_reset
+        if vth is not None and v_reset is not None and v_reset >= vth:
+            raise ValueError(
+                f"neuron.v_reset ({v_reset}) must be below encoder_v_threshold ({vth})"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- synthesis

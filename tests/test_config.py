@@ -183,6 +183,8 @@ BAD_CASES: list[tuple[str, list[str], str]] = [
     ("", ["student.T=-1"], "student.T"),
     ("", ["distill.optimizer.lr=0"], "distill.optimizer.lr"),
     ("", ["student.neuron.v_reset=2"], "student.neuron"),
+    ("", ["student.encoder_v_threshold=0"], "student.encoder_v_threshold"),
+    ("", ["student.neuron.v_reset=0.3", "student.encoder_v_threshold=0.2"], "student"),
     ("", ["device=tpu"], "device"),
     ("", ["stars.rca.recalibrate_every=4"], "stars.rca"),
     (

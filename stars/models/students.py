@@ -380,7 +380,7 @@ def build_student(
     """Build the spiking student a config describes.
 
     Args:
-        cfg: architecture, time steps ``T`` and neuron.
+        cfg: architecture, time steps ``T``, neuron (and the encoder's own threshold).
         num_classes: classes ``K`` (from the dataset).
         image_size: input height = width (from the dataset).
         in_channels: image channels.
@@ -397,4 +397,10 @@ def build_student(
         raise ValueError(
             f"unknown student arch {cfg.arch!r}; available: {sorted(STUDENT_PRESETS)}"
         ) from None
-    return preset(num_classes, cfg.T, cfg.neuron, image_size, in_channels)
+    student = preset(num_classes, cfg.T, cfg.neuron, image_size, in_channels)
+    if cfg.encoder_v_threshold is not None:
+        # the same neuron with its own threshold, in the encoder's place (it draws no random
+        # numbers, so the other layers' initial weights do not move)
+        encoder = cfg.neuron.model_copy(update={"v_threshold": cfg.encoder_v_threshold})
+        student.encoder_neuron = build_neuron(encoder)
+    return student

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, get_args
 
 import pytest
@@ -112,6 +113,40 @@ def test_forward_matches_forward_features_and_neuron_config_propagates() -> None
         assert sn.kind == "if"
         assert sn.v_threshold == 0.5
         assert sn.v_reset is None
+
+
+@pytest.mark.parametrize("arch", sorted(STUDENT_PRESETS))
+def test_encoder_v_threshold_moves_the_encoder_alone(arch: str) -> None:
+    neuron = NeuronConfig(v_threshold=0.5, tau=3.0, surrogate="sigmoid")
+    torch.manual_seed(0)
+    plain = _student(arch, neuron=neuron)
+    torch.manual_seed(0)
+    cfg = StudentConfig(arch=arch, T=T, neuron=neuron, encoder_v_threshold=0.05)
+    model = build_student(cfg, num_classes=K)
+    encoder = model.encoder_neuron
+    assert isinstance(encoder, MultiStepNeuron)
+    assert encoder.v_threshold == pytest.approx(0.05)
+    assert (encoder.kind, encoder.tau) == ("lif", 3.0)
+    # every other constant (tau, reset, surrogate and its alpha) as the last layer's
+    last_layer = model.spiking_neurons()[-1][1]
+    assert isinstance(last_layer, MultiStepNeuron)
+    last = last_layer._fused_params()
+    assert last is not None
+    assert encoder._fused_params() == dataclasses.replace(last, v_threshold=0.05)
+    others = [sn for _, sn in model.spiking_neurons() if sn is not encoder]
+    assert others and all(sn.v_threshold == 0.5 for sn in others)
+    assert model.spiking_neurons()[0] == ("encoder_neuron", encoder)
+    # the same initial weights (no random numbers drawn), the same state keys
+    a, b = plain.state_dict(), model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = _images()
+    with torch.no_grad():
+        rate_plain = plain.encoder_neuron(plain.encoder(x, T)).mean()
+        rate_low = encoder(model.encoder(x, T)).mean()
+    # the same currents: at a tenth of the threshold the first step alone fires every
+    # element above 0.05 (a positive fraction of N(0, 1)-like currents), which can only add
+    assert rate_low > rate_plain
 
 
 def test_rejects_bad_arguments() -> None:
