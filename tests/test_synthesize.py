@@ -92,6 +92,13 @@ def test_synthesize_writes_a_balanced_imagefolder_with_its_report(
     shown = runner.invoke(app, ["evaluate", str(teacher), "--data", str(out), "--device", "cpu"])
     assert shown.exit_code == 0 and f"{q['teacher_agreement']:.2f}" in shown.output
 
+    # a set that lost a class folder is refused, naming the folder and both counts
+    (out / "images" / "airplane").rename(tmp_path / "airplane")
+    shown = runner.invoke(app, ["evaluate", str(teacher), "--data", str(out), "--device", "cpu"])
+    assert shown.exit_code == 2, shown.output
+    text = "".join(shown.output.split())
+    assert "9classfolders,themodelhas10classes" in text and "images" in text
+
 
 class _Spy:
     """Wraps the synthesizer the command builds: counts calls, and may relabel steps."""

@@ -37,6 +37,7 @@ __all__ = [
     "build_data",
     "eval_transform",
     "is_annotated_split",
+    "read_image_folder",
     "train_transform",
 ]
 
@@ -233,21 +234,39 @@ def _missing(cfg_root: Path, what: str, download_hint: bool) -> DataError:
     return DataError(f"dataset not found at {cfg_root}: " + "; ".join(ways))
 
 
-def _image_folder(
-    root: Path, split: str, transform: Callable[[Any], Any], num_classes: int
+def read_image_folder(
+    path: Path, transform: Callable[[Any], Any], num_classes: int, *, expected_by: str
 ) -> SkippingImageFolder:
-    path = root / split
-    if not path.is_dir():
-        raise DataError(f"split folder missing: {path}")
+    """The ImageFolder tree at ``path`` (one folder per class), which must hold
+    ``num_classes`` class folders.
+
+    Args:
+        path: the folder of class folders.
+        transform: applied to each image.
+        num_classes: the class count the reader expects.
+        expected_by: who expects it, for the error (``"the config"``, ``"the model"``).
+
+    Raises:
+        DataError: the tree cannot be read, or holds another number of class folders.
+    """
     try:
         ds = SkippingImageFolder(str(path), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"cannot read image folder {path}: {exc}") from None
     if len(ds.classes) != num_classes:
         raise DataError(
-            f"{path} has {len(ds.classes)} class folders, the config says {num_classes} classes"
+            f"{path} has {len(ds.classes)} class folders, {expected_by} has {num_classes} classes"
         )
     return ds
+
+
+def _image_folder(
+    root: Path, split: str, transform: Callable[[Any], Any], num_classes: int
+) -> SkippingImageFolder:
+    path = root / split
+    if not path.is_dir():
+        raise DataError(f"split folder missing: {path}")
+    return read_image_folder(path, transform, num_classes, expected_by="the config")
 
 
 def _annotated(

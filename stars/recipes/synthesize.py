@@ -38,8 +38,8 @@ from stars.data.datasets import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
-    SkippingImageFolder,
     eval_transform,
+    read_image_folder,
 )
 from stars.distill.checkpoint import load_state
 from stars.errors import StarsError
@@ -374,20 +374,10 @@ def load_synthetic_set(
     folder, normalized for a model trained on ``data``; ``None`` when ``path`` is not one.
 
     Raises:
-        StarsError: the set's class count differs from ``num_classes``, or it cannot be read.
+        DataError: the set's class count differs from ``num_classes``, or it cannot be read.
     """
     if not (path / QUALITY_FILE).is_file():
         return None
     mean, std = _normalization(data)
-    try:
-        ds = SkippingImageFolder(
-            str(path / IMAGES_DIR),
-            transform=eval_transform(image_size, mean, std),
-        )
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise StarsError(f"cannot read the synthetic set {path / IMAGES_DIR}: {exc}") from None
-    if len(ds.classes) != num_classes:
-        raise StarsError(
-            f"{path} has {len(ds.classes)} class folders, the model has {num_classes} classes"
-        )
-    return ds
+    transform = eval_transform(image_size, mean, std)
+    return read_image_folder(path / IMAGES_DIR, transform, num_classes, expected_by="the model")

@@ -156,17 +156,16 @@ def _per_sample(a: Tensor) -> Tensor:
     return a.flatten(1).mean(1) if a.ndim > 1 else a
 
 
-def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def _common(a: Tensor, b: Tensor, caller: str) -> tuple[Tensor, Tensor]:
     """Bring two maps ``[N, *]`` to the same shape: average-pool the finer spatial grid to the
-    coarser one; a map without spatial dims makes the other one averaged over space."""
+    coarser one; a map without spatial dims makes the other one averaged over space. Errors
+    start with ``caller``."""
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"spike_tail_loss: batch sizes differ ({a.shape[0]} vs {b.shape[0]})")
+        raise ValueError(f"{caller}: batch sizes differ ({a.shape[0]} vs {b.shape[0]})")
     if a.ndim == 1 or b.ndim == 1:
         return _per_sample(a), _per_sample(b)
     if a.ndim != 3 or b.ndim != 3:
-        raise ValueError(
-            f"spike_tail_loss: maps must be [N] or [N, H, W]; got {a.shape}, {b.shape}"
-        )
+        raise ValueError(f"{caller}: maps must be [N] or [N, H, W]; got {a.shape}, {b.shape}")
     size = (min(a.shape[1], b.shape[1]), min(a.shape[2], b.shape[2]))
     if tuple(a.shape[1:]) != size:
         a = F.adaptive_avg_pool2d(a[:, None], size)[:, 0]
@@ -175,10 +174,17 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def reduce_maps(a_s: Tensor, a_t: Tensor, granularity: Granularity) -> tuple[Tensor, Tensor]:
+def reduce_maps(
+    a_s: Tensor, a_t: Tensor, granularity: Granularity, *, caller: str = "reduce_maps"
+) -> tuple[Tensor, Tensor]:
     """Student and teacher maps ``[N, *]`` at a common resolution, reduced to ``granularity``
-    (``spatial`` keeps ``[N, h, w]``, ``sample`` gives ``[N]``, ``batch`` a 1-element ``[1]``)."""
-    a_s, a_t = _common(a_s, a_t)
+    (``spatial`` keeps ``[N, h, w]``, ``sample`` gives ``[N]``, ``batch`` a 1-element ``[1]``).
+
+    Raises:
+        ValueError: different batch sizes, or a map that is neither ``[N]`` nor
+            ``[N, H, W]``; the message starts with ``caller``.
+    """
+    a_s, a_t = _common(a_s, a_t, caller)
     if granularity == "spatial":
         return a_s, a_t
     if granularity == "sample":
@@ -217,7 +223,7 @@ def spike_tail_loss(
     """
     if granularity == "batch" and (normalize or weights is not None):
         raise ValueError("spike_tail_loss: granularity 'batch' takes neither normalize nor weights")
-    s, t = reduce_maps(a_s.float(), a_t.float(), granularity)
+    s, t = reduce_maps(a_s.float(), a_t.float(), granularity, caller="spike_tail_loss")
     if normalize:
         s = s / (s.mean() + NORMALIZE_EPS)
         t = t / (t.mean() + NORMALIZE_EPS)

@@ -256,16 +256,21 @@ def test_reduce_maps_per_sample_side(granularity: Granularity) -> None:
 
 
 def test_reduce_maps_refuses_mismatched_maps() -> None:
-    with pytest.raises(ValueError, match=exact("spike_tail_loss: batch sizes differ (3 vs 2)")):
+    """Each message names the function the caller called."""
+    with pytest.raises(ValueError, match=exact("reduce_maps: batch sizes differ (3 vs 2)")):
         reduce_maps(torch.zeros(3, 4, 4), torch.zeros(2, 4, 4), "spatial")
     with pytest.raises(ValueError, match=exact("spike_tail_loss: batch sizes differ (2 vs 3)")):
-        reduce_maps(torch.zeros(2), torch.zeros(3, 2, 2), "sample")
+        spike_tail_loss(torch.zeros(2), torch.zeros(3, 2, 2), granularity="sample")
     for a, b in (((2, 5), (2, 5)), ((2, 4, 4), (2, 5)), ((2, 5), (2, 4, 4)), ((2, 1, 4, 4),) * 2):
-        msg = (
-            f"spike_tail_loss: maps must be [N] or [N, H, W]; got {torch.Size(a)}, {torch.Size(b)}"
-        )
-        with pytest.raises(ValueError, match=exact(msg)):
+        shapes = f"got {torch.Size(a)}, {torch.Size(b)}"
+        with pytest.raises(
+            ValueError, match=exact(f"reduce_maps: maps must be [N] or [N, H, W]; {shapes}")
+        ):
             reduce_maps(torch.zeros(a), torch.zeros(b), "spatial")
+        with pytest.raises(
+            ValueError, match=exact(f"spike_tail_loss: maps must be [N] or [N, H, W]; {shapes}")
+        ):
+            spike_tail_loss(torch.zeros(a), torch.zeros(b))
 
 
 # ----------------------------------------------------------------------------- the loss
