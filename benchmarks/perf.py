@@ -273,6 +273,7 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "bf16+channels_last": ["precision=bf16", "channels_last=true"],
     "compile": ["compile=true"],
     "bf16+compile": ["precision=bf16", "compile=true"],
+    "bf16+compile+cl-gen": ["precision=bf16", "compile=true", "channels_last=generator"],
     "spike-kd": ["stars.spike_tar.student_weight=1"],
     "spike": ["stars.spike_tar.student_weight=1", "stars.spike_tar.weight=2"],
     "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
@@ -281,7 +282,8 @@ EPOCH_LEVERS: dict[str, list[str]] = {
 }
 """Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config; the
 ``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
-of the session-9 val runs; ``sresnet20`` is the deeper student (spiking ResNet-20 in place of
+of the session-9 val runs; ``cl-gen`` runs the generator in channels-last memory format
+(``channels_last: generator``); ``sresnet20`` is the deeper student (spiking ResNet-20 in place of
 ``spiking_tiny``), to size a family for it."""
 
 

@@ -532,8 +532,6 @@ class _RunCommon(_Frozen):
     output_dir: Path = Path("runs")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     """Run directory name under ``output_dir``; null = ``<command>-<timestamp>``."""
-    channels_last: bool = False
-    """Convolutions in channels-last memory format (faster on GPUs with tensor cores)."""
     compile: bool = False
     """``torch.compile``: the teacher's forwards, and the student's (on CPU its neurons'
     recurrence only, :func:`stars.neurons.fused.compiled_multi_step`; elsewhere its forwards
@@ -546,6 +544,12 @@ class _RunCommon(_Frozen):
 class RunConfig(_RunCommon):
     """A data-free distillation run (``stars distill``)."""
 
+    channels_last: bool | Literal["generator"] = False
+    """Convolutions in channels-last memory format. ``true``: the teacher, the student and
+    the synthesizer's generator (faster on GPUs with tensor cores; on this project's CPU the
+    spiking student ran slower, benchmarks/README.md); ``generator``: the generator alone,
+    whose convolutions are most of a synthesis step (its images come out in the usual
+    layout). Not bit-identical to ``false``: oneDNN sums in another order."""
     data: DataConfig = CifarData()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -558,6 +562,9 @@ class RunConfig(_RunCommon):
 class TeacherTrainConfig(_RunCommon):
     """Supervised training of an ANN teacher (``stars train-teacher``)."""
 
+    channels_last: bool = False
+    """The teacher's convolutions in channels-last memory format (faster on GPUs with tensor
+    cores)."""
     data: DataConfig = CifarData()
     teacher: TeacherConfig = TeacherConfig()
     train: TrainConfig = TrainConfig()

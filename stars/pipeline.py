@@ -130,6 +130,7 @@ def synthesizer_for(
         seed=cfg.seed,
         student_vth=cfg.student.neuron.v_threshold,
         precision=cfg.precision,
+        channels_last=cfg.channels_last is not False,
     )
 
 
@@ -155,7 +156,7 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
         raise StarsError(f"student: {exc}") from None
     snn = snn.to(device)
     _dry_run(cfg, ann, snn, geo, device)
-    if cfg.channels_last:
+    if cfg.channels_last is True:
         ann = ann.to(memory_format=torch.channels_last)
         snn = snn.to(memory_format=torch.channels_last)
     teacher: Teacher = ann

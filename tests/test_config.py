@@ -186,6 +186,7 @@ BAD_CASES: list[tuple[str, list[str], str]] = [
     ("", ["student.encoder_v_threshold=0"], "student.encoder_v_threshold"),
     ("", ["student.neuron.v_reset=0.3", "student.encoder_v_threshold=0.2"], "student"),
     ("", ["device=tpu"], "device"),
+    ("", ["channels_last=student"], "channels_last"),
     ("", ["stars.rca.recalibrate_every=4"], "stars.rca"),
     (
         "",

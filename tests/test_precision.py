@@ -14,6 +14,7 @@ from stars.config import load_config
 from stars.pipeline import build_components
 from stars.recipes.distill import run_distill
 from stars.runtime import CompiledModel
+from stars.synthesis.methods.fast import FastSynthesizer
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,52 @@ def test_bf16_and_channels_last_run_on_cpu(cfg_path: Path) -> None:
     assert len(epochs) == 2
     assert all(math.isfinite(v) for r in epochs for k, v in r.items() if k.startswith("kd/"))
     assert result.summary["skipped_kd_steps"] == 0
+
+
+@pytest.mark.parametrize("value", ["generator", "true"])
+def test_channels_last_generator(cfg_path: Path, value: str) -> None:
+    """The generator's convolutions take channels-last inputs for the call only; its weights
+    stay as they were; the images come back contiguous; ``generator`` leaves the teacher and
+    the student alone (``true`` converts them as well)."""
+    comp = build_components(load_config(cfg_path, [f"channels_last={value}"]))
+    synth = comp.synthesizer
+    assert isinstance(synth, FastSynthesizer)
+    ctx = synth.ctx
+    assert ctx.channels_last
+    student_conv = next(m for m in comp.student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert student_conv.weight.is_contiguous(memory_format=torch.channels_last) == (
+        value == "true"
+    ) and student_conv.weight.is_contiguous() == (value == "generator")
+    gen = synth.generator
+    convs = [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen: list[bool] = []
+    spies = [
+        m.register_forward_hook(
+            lambda m, a, o: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        for m in convs
+    ]
+    before = {k: (v.detach().clone(), v.stride()) for k, v in gen.named_parameters()}
+    z = torch.randn(4, gen.nz, generator=torch.Generator().manual_seed(0))
+    x = ctx.generate(gen, z)
+    for spy in spies:
+        spy.remove()
+    assert seen == [True] * len(convs) and len(convs) >= 2
+    assert x.is_contiguous() and x.dtype == torch.float32
+    assert all(len(m._forward_pre_hooks) == 0 for m in convs), "the hooks outlive the call"
+    for name, param in gen.named_parameters():
+        assert torch.equal(param, before[name][0]) and param.stride() == before[name][1], name
+
+    # the same function: in float64 (rounding ~1e-16, amplified by at most the fan-in
+    # 9 * channels <= 1e4 per convolution) the two layouts agree far below one float32 ulp of
+    # the images, so after the cast to float32 they differ by at most that one ulp
+    gen64 = gen.double()
+    ctx.channels_last = False
+    plain = ctx.generate(gen64, z.double())
+    ctx.channels_last = True
+    cl = ctx.generate(gen64, z.double())
+    ulp = torch.finfo(torch.float32).eps * plain.abs().clamp_min(1.0)
+    assert bool(((cl - plain).abs() <= ulp).all())
 
 
 def test_bf16_changes_the_numbers(cfg_path: Path) -> None:

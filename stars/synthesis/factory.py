@@ -32,6 +32,7 @@ def build_synthesizer(
     seed: int,
     student_vth: float | None = None,
     precision: str = "fp32",
+    channels_last: bool = False,
 ) -> SynthesizerBase:
     """Build the synthesizer of ``cfg.kind`` around a frozen ``teacher``
     (:meth:`~stars.synthesis.methods.MethodConfig.build`).
@@ -45,6 +46,8 @@ def build_synthesizer(
         seed: seeds the synthesizer's own random generator (and the generator weights).
         student_vth: the student's firing threshold (TAR ``source: student-vth``).
         precision: ``bf16`` runs the teacher and student forwards under autocast.
+        channels_last: the methods' generators run in channels-last memory format
+            (:meth:`SynthesisContext.generate`).
     """
     objective = SynthesisObjective(
         teacher,
@@ -65,6 +68,7 @@ def build_synthesizer(
         memory_size=cfg.memory_size,
         device=device,
         seed=seed,
+        channels_last=channels_last,
     )
 
     return cfg.build(ctx)

@@ -45,6 +45,13 @@ __all__ = [
 ]
 
 
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.ndim == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
 class SynthesisContext:
     """What every synthesizer shares: the frozen teacher, the objective, the memory bank,
     the random generator and the image geometry."""
@@ -63,6 +70,7 @@ class SynthesisContext:
         device: torch.device,
         seed: int,
         channels: int = 3,
+        channels_last: bool = False,
     ) -> None:
         self.teacher = teacher
         self.objective = objective.to(device)
@@ -80,6 +88,8 @@ class SynthesisContext:
         self.calls = 0
         self.store = True
         """Add finished batches to the bank (data-parallel runs add every rank's share)."""
+        self.channels_last = channels_last
+        """Run generators in channels-last memory format (:meth:`generate`)."""
 
     @property
     def epoch(self) -> int:
@@ -108,10 +118,28 @@ class SynthesisContext:
 
         The generator's convolutions are most of a synthesis step's work (its last two
         convolutions run at 16 and 32 pixels on 128 channels), so this is what makes
-        ``precision: bf16`` pay off in synthesis (``benchmarks/README.md``)."""
-        with autocast(self.device, self.objective.precision):
-            x: Tensor = generator(*args)
-        return x.float()
+        ``precision: bf16`` pay off in synthesis (``benchmarks/README.md``).
+
+        With :attr:`channels_last` every convolution of the generator takes its input in
+        channels-last memory format (a forward pre-hook for this call; the layout then
+        carries through BN, upsampling and activations), so that oneDNN runs them without
+        reordering the activations; the weights, and so every random draw that
+        re-initializes them, are left as they are, and the images come back in the usual
+        contiguous layout."""
+        hooks = []
+        if self.channels_last:
+            hooks = [
+                m.register_forward_pre_hook(_channels_last_input)
+                for m in generator.modules()
+                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+            ]
+        try:
+            with autocast(self.device, self.objective.precision):
+                x: Tensor = generator(*args)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return x.float().contiguous() if self.channels_last else x.float()
 
     def augment(self, x: Tensor, *, max_shift: int, flip: bool = True) -> Tensor:
         return jitter_flip(x, max_shift=max_shift, flip=flip, generator=self.rng)
