@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from benchmarks.perf import _ann_twin, peak_memory
-from stars.config import StudentConfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.perf import EPOCH_LEVERS, _ann_twin, peak_memory
+from stars.config import RunConfig, StudentConfig, apply_overrides
 from stars.models.students import build_student
 from stars.neurons import MultiStepNeuron
 
@@ -20,3 +25,12 @@ def test_peak_memory_probe() -> None:
     assert mem["snn_T4_live_mib"] > mem["ann_live_mib"] > 0
     assert 1.0 < mem["ratio_live"] < 4.5
     assert mem["snn_T4_rss_mib"] > 0
+
+
+@pytest.mark.parametrize("lever", sorted(EPOCH_LEVERS))
+def test_every_epoch_lever_is_a_valid_change_of_fast_yaml(lever: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    tree = yaml.safe_load((root / "benchmarks/paper_table/fast.yaml").read_text())
+    base = RunConfig.model_validate(tree)
+    cfg = RunConfig.model_validate(apply_overrides(tree, EPOCH_LEVERS[lever]))
+    assert (cfg == base) == (lever == "fp32")
