@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import statistics
 import subprocess
@@ -83,9 +84,10 @@ def family_config(family: str, split: str, overrides: list[str]) -> tuple[RunCon
 
 
 def diagnostics(run_dir: Path, last: int = 10) -> dict[str, Any]:
-    """Mean of each loss term over the last ``last`` epochs, and the calibration record
-        and the end-of-run ``term_gradients`` (gradient norm of each synthesis term on the images,
-    at the start and on memory-bank images at the end)."""
+    """Mean of each loss term over the last ``last`` epochs, the calibration record and the
+    end-of-run ``term_gradients`` (gradient norm of each synthesis term on the images, at the
+    start and on memory-bank images at the end), the median epoch time, and the last
+    evaluation's firing rates (mean and per layer) and the evaluation curve."""
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch"][-last:]
     out: dict[str, Any] = {}
@@ -97,9 +99,16 @@ def diagnostics(run_dir: Path, last: int = 10) -> dict[str, Any]:
         found = next((r for r in records if r.get("event") == event), None)
         if found is not None:
             out[event] = {k: v for k, v in found.items() if "/" in k}
+    # ``seconds`` is the run's clock at each epoch's end: the median step between two
+    # epochs is the per-epoch time without compilation, evaluation or a resume's gap
+    clock = [float(r["seconds"]) for r in records if r.get("event") == "epoch" and "seconds" in r]
+    steps = [b - a for a, b in itertools.pairwise(clock)]
+    if steps:
+        out["median_epoch_s"] = statistics.median(steps)
     evals = [r for r in records if r.get("event") == "eval"]
     if evals:
         out["mean_firing_rate"] = evals[-1].get("mean_firing_rate")
+        out["firing_rates"] = evals[-1].get("firing_rates")
         out["eval_curve"] = [(r["epoch"], r["student_top1"]) for r in evals]
     return out
 

@@ -136,3 +136,26 @@ def test_every_family_file_is_a_valid_config_with_its_variants(family: str) -> N
     assert cfg.evaluation.split == "val" and len(sha) == 12
     assert paper_table.FAMILIES[family][0] == "baseline"
     assert set(paper_table.FAMILIES[family]) <= set(VARIANTS)
+
+
+def test_diagnostics_time_the_epochs_and_keep_the_firing_by_layer(tmp_path: Path) -> None:
+    records = [
+        {"event": "calibration", "grad_norm/bn": 2.0},
+        *(
+            {"event": "epoch", "epoch": e, "seconds": t, "kd/kd": float(e)}
+            for e, t in ((1, 10.0), (2, 30.0), (3, 50.0), (4, 125.0))
+        ),  # epoch 4 carries an evaluation
+        {
+            "event": "eval",
+            "epoch": 4,
+            "student_top1": 40.0,
+            "mean_firing_rate": 0.1,
+            "firing_rates": {"encoder_neuron": 0.2, "features.1": 0.05},
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = paper_table.diagnostics(tmp_path, last=2)
+    assert out["median_epoch_s"] == 20.0  # steps 20, 20, 75
+    assert out["kd/kd"] == 3.5
+    assert out["firing_rates"] == {"encoder_neuron": 0.2, "features.1": 0.05}
+    assert out["eval_curve"] == [(4, 40.0)]
