@@ -279,6 +279,12 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
     "sresnet20": ["student.arch=spiking_resnet20"],
     "sresnet20+spike-kd": ["student.arch=spiking_resnet20", "stars.spike_tar.student_weight=1"],
+    "sresnet20+bf16+compile": [
+        "student.arch=spiking_resnet20",
+        "precision=bf16",
+        "compile=true",
+        "channels_last=generator",
+    ],
 }
 """Levers of the time-to-accuracy issue, as overrides of the paper_table Fast config; the
 ``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
