@@ -274,6 +274,11 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "compile": ["compile=true"],
     "bf16+compile": ["precision=bf16", "compile=true"],
     "bf16+compile+cl-gen": ["precision=bf16", "compile=true", "channels_last=generator"],
+    "bf16+compile+cl-gen-eager-stats": [
+        "precision=bf16",
+        "compile=true",
+        "channels_last=generator",
+    ],
     "spike-kd": ["stars.spike_tar.student_weight=1"],
     "spike": ["stars.spike_tar.student_weight=1", "stars.spike_tar.weight=2"],
     "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
@@ -290,7 +295,11 @@ EPOCH_LEVERS: dict[str, list[str]] = {
 ``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
 of the session-9 val runs; ``cl-gen`` runs the generator in channels-last memory format
 (``channels_last: generator``); ``sresnet20`` is the deeper student (spiking ResNet-20 in place of
-``spiking_tiny``), to size a family for it."""
+``spiking_tiny``), to size a family for it. ``-eager-stats`` levers (:data:`EAGER_STATS`)
+take the synthesis objective's BN statistics eagerly as before session 14, to measure
+``compiled_batch_stats`` alone."""
+
+EAGER_STATS = frozenset({"bf16+compile+cl-gen-eager-stats"})
 
 
 def epoch_ratios(
@@ -321,6 +330,8 @@ def epoch_ratios(
         )
         comps[name] = build_components(RunConfig.model_validate(cfg_tree))
         comps[name].synthesizer.set_epoch(1)
+        if name in EAGER_STATS:
+            comps[name].synthesizer.objective.compile = False
     first = next(iter(comps.values()))
     steps = kd_steps if kd_steps is not None else first.cfg.distill.kd_steps_per_epoch
 

@@ -535,7 +535,9 @@ class _RunCommon(_Frozen):
     compile: bool = False
     """``torch.compile``: the teacher's forwards, and the student's (on CPU its neurons'
     recurrence only, :func:`stars.neurons.fused.compiled_multi_step`; elsewhere its forwards
-    too). Falls back to eager with a warning if compiling fails."""
+    too), and the synthesis objective's BN statistics
+    (:func:`stars.synthesis.priors.compiled_batch_stats`). Falls back to eager with a warning
+    if compiling fails."""
     tensorboard: bool = False
     """Also write ``metrics.jsonl``'s scalars (and, for ``distill``, the synthetic grid) as
     TensorBoard events in ``RUN_DIR/tensorboard`` (:mod:`stars.tensorboard_log`)."""

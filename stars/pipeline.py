@@ -131,6 +131,7 @@ def synthesizer_for(
         student_vth=cfg.student.neuron.v_threshold,
         precision=cfg.precision,
         channels_last=cfg.channels_last is not False,
+        compile=cfg.compile,
     )
 
 

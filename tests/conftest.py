@@ -109,14 +109,18 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def fresh_kernels() -> Iterator[None]:
-    """The compiled neuron kernels (``stars.neurons.fused``) are built by ``torch.compile`` on
-    first use and cached: rebuild them under a test's patched ``torch.compile``, and again
-    after it."""
+    """The compiled neuron kernels (``stars.neurons.fused``) and BN statistics
+    (``stars.synthesis.priors.compiled_batch_stats``) are built by ``torch.compile`` on first
+    use and cached: rebuild them under a test's patched ``torch.compile``, and again after
+    it."""
     from stars.neurons.fused import _kernels
+    from stars.synthesis.priors import _compiled_stats
 
     _kernels.cache_clear()
+    _compiled_stats.cache_clear()
     yield
     _kernels.cache_clear()
+    _compiled_stats.cache_clear()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from stars.pipeline import build_components
 from stars.recipes.distill import run_distill
 from stars.runtime import CompiledModel
 from stars.synthesis.methods.fast import FastSynthesizer
+from stars.synthesis.priors import batch_stats, compiled_batch_stats
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,11 @@ def test_compile_failure_falls_back_with_a_warning(cfg_path: Path, broken_compil
     assert comp.student.state_dict().keys() == eager.student.state_dict().keys()
     n_bn = len(comp.student.bn_layers())
     assert n_bn == len(eager.student.bn_layers())
+    # the objective's BN statistics fall back to the eager function: the same numbers
+    with pytest.warns(UserWarning, match="torch.compile failed for the BN statistics"):
+        mean, var = compiled_batch_stats(x)
+    want_mean, want_var = batch_stats(x)
+    assert torch.equal(mean, want_mean) and torch.equal(var, want_var)
 
 
 def test_compile_uses_the_compiled_function(
@@ -130,6 +136,12 @@ def test_compile_uses_the_compiled_function(
     comp.distiller.step(comp.synthesizer.sample(8))
     assert "forward_features" in calls  # the teacher's
     assert {"_sequence_spikes", "_sequence_input_grad"} <= set(calls)  # the neurons'
+    assert "batch_stats" in calls  # the synthesis objective's BN statistics
+    # the gradient diagnostics take the statistics eagerly, as they take the teacher
+    calls.clear()
+    x = comp.synthesizer.sample(8)
+    comp.synthesizer.objective.grad_norms(x, comp.teacher(x).argmax(1), comp.student)
+    assert "batch_stats" not in calls and "forward_features" not in calls
     assert isinstance(comp.teacher, CompiledModel)
     assert all(n.compiled for _, n in comp.student.spiking_neurons())
 

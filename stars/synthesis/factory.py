@@ -33,6 +33,7 @@ def build_synthesizer(
     student_vth: float | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    compile: bool = False,
 ) -> SynthesizerBase:
     """Build the synthesizer of ``cfg.kind`` around a frozen ``teacher``
     (:meth:`~stars.synthesis.methods.MethodConfig.build`).
@@ -48,6 +49,8 @@ def build_synthesizer(
         precision: ``bf16`` runs the teacher and student forwards under autocast.
         channels_last: the methods' generators run in channels-last memory format
             (:meth:`SynthesisContext.generate`).
+        compile: the objective's BN statistics go through ``torch.compile``
+            (``compile: true``; :func:`~stars.synthesis.priors.compiled_batch_stats`).
     """
     objective = SynthesisObjective(
         teacher,
@@ -56,6 +59,7 @@ def build_synthesizer(
         student_vth=student_vth,
         bn_momentum=cfg.matching_momentum,
         precision=precision,
+        compile=compile,
     )
     ctx = SynthesisContext(
         teacher,

@@ -29,6 +29,7 @@ from stars.synthesis.priors import (
     FeatureTap,
     TailPrior,
     batch_stats,
+    compiled_batch_stats,
     extract_bn_prior,
     extract_tail_prior,
 )
@@ -104,6 +105,9 @@ class SynthesisObjective:
         student_vth: the student's firing threshold (for ``tar.source: student-vth``).
         bn_momentum: Fast's ``bn_mmt`` (0: match raw batch statistics).
         measure_inactive: also measure zero-weight STARS terms, without gradient.
+        precision: ``bf16`` runs the teacher and student forwards under autocast.
+        compile: the BN statistics go through ``torch.compile``
+            (:func:`~stars.synthesis.priors.compiled_batch_stats`; ``compile: true``).
     """
 
     def __init__(
@@ -116,8 +120,13 @@ class SynthesisObjective:
         bn_momentum: float = 0.0,
         measure_inactive: bool = True,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         self.teacher = teacher
+        # ``compile: true``: the BN statistics through inductor (compiled_batch_stats); off
+        # while grad_norms measures (as the compiled teacher is, runtime.eager_forwards).
+        self.compile = compile
+        self._eager_stats = False
         self.weights = weights
         self.stars = stars
         self.student_vth = student_vth
@@ -263,13 +272,14 @@ class SynthesisObjective:
         with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
             t_feats, t_logits = self.teacher.forward_features(x)
             acts = [tap[m] for m in self.bn_layers]
+        stats_of = compiled_batch_stats if self.compile and not self._eager_stats else batch_stats
         b = TermBatch(
             x=x,
             y=y,
             t_feats=t_feats,
             t_logits=t_logits,
             acts=acts,
-            stats=[batch_stats(a) for a in acts],
+            stats=[stats_of(a) for a in acts],
             scale=self.scale,
             grad_inactive=grad_inactive,
         )
@@ -334,12 +344,16 @@ class SynthesisObjective:
         weight 1 when off). Logged at the start of synthesis to calibrate the STARS weights
         against the BN term."""
         x = x.detach().requires_grad_(True)
-        with eager_forwards(self.teacher, student):
-            if student is not None:
-                with frozen(student):
+        self._eager_stats = True
+        try:
+            with eager_forwards(self.teacher, student):
+                if student is not None:
+                    with frozen(student):
+                        out = self(x, y, student, grad_inactive=True, calibrate=False)
+                else:
                     out = self(x, y, student, grad_inactive=True, calibrate=False)
-            else:
-                out = self(x, y, student, grad_inactive=True, calibrate=False)
+        finally:
+            self._eager_stats = False
         norms: dict[str, float] = {}
         for term in self.terms:
             weight = term.grad_weight()

@@ -16,6 +16,7 @@ Three pieces live here:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "TailLayerPrior",
     "TailPrior",
     "batch_stats",
+    "compiled_batch_stats",
     "extract_bn_prior",
     "extract_tail_prior",
     "gaussian_tail",
@@ -78,6 +80,37 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     dims = (0, *range(2, x.ndim))
     var, mean = torch.var_mean(x, dim=dims, unbiased=False)
     return mean, var
+
+
+@functools.cache
+def _compiled_stats() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    compiled: Callable[[Tensor], tuple[Tensor, Tensor]] = torch.compile(batch_stats)
+    return compiled
+
+
+def compiled_batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`batch_stats` under ``torch.compile`` (the synthesis objective's statistics
+    under ``compile: true``).
+
+    ATen's CPU ``var_mean`` over ``(N, H, W)`` of an NCHW tensor is a strided scalar loop;
+    inductor's reduction is vectorized: on one CPU thread the Fast synthesis step (ResNet-20
+    teacher, 19 BN layers) took 0.87x the time (benchmarks/README.md, session 14). Same
+    statistics up to float rounding (another summation order; ``tests/synthesis/
+    test_priors.py`` states the error model). The first call per shape compiles; if
+    compiling or running fails, warn and compute eagerly.
+    """
+    try:
+        # one graph per activation shape (a teacher has a few; the tests try many)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return _compiled_stats()(x)
+    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
+        import warnings
+
+        warnings.warn(
+            f"torch.compile failed for the BN statistics ({exc}); computing them eagerly",
+            stacklevel=2,
+        )
+    return batch_stats(x)
 
 
 # ----------------------------------------------------------------------------- hooks

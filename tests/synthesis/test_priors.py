@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from error_model import U32, U64
+from error_model import U32, U64, mean_error, variance_error
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_budget import examples
@@ -20,6 +20,7 @@ from stars.synthesis.priors import (
     BNPrior,
     FeatureTap,
     batch_stats,
+    compiled_batch_stats,
     extract_bn_prior,
     extract_tail_prior,
 )
@@ -83,6 +84,45 @@ def test_tap_statistics_equal_var_mean(seed: int, n: int, c: int, hw: int) -> No
     assert torch.equal(var, ref_var)
     assert torch.equal(smean, ref_mean)
     assert torch.equal(svar, ref_var)
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 5),
+    c=st.integers(1, 4),
+    hw=st.integers(1, 5),
+    scale=st.floats(0.01, 100.0),
+    offset=st.floats(-10.0, 10.0),
+)
+def test_compiled_batch_stats_agree_with_eager(
+    seed: int, n: int, c: int, hw: int, scale: float, offset: float
+) -> None:
+    """``compile: true``'s statistics (inductor's reduction) against ATen's ``var_mean``,
+    values and input gradients.
+
+    Error model (tests/error_model.py): each computation of the mean of ``m = n hw^2`` values
+    ``|x| <= a`` is within ``mean_error(m, a)`` of the exact mean, of the biased variance
+    within ``variance_error(m, a)``; two computations within twice that. The gradient of
+    ``sum(mean) + sum(var)`` is ``(1 + 2 (x_i - mean)) / m``: the mean's error enters doubled
+    and scaled by ``1 / m`` (``2 u a``), the subtraction, the doubling, the sum and the
+    division add at most ``u (1 + 4 a)`` each, so per computation
+    ``B = 2 u a + 4 u (1 + 4 a) / m``, and two computations differ by at most ``2 B``."""
+    g = _gen(seed)
+    x = torch.randn(n, c, hw, hw, generator=g) * scale + offset
+    a = float(x.abs().max())
+    m = n * hw * hw
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    mean_a, var_a = batch_stats(xa)
+    mean_b, var_b = compiled_batch_stats(xb)
+    assert (mean_a - mean_b).abs().max() <= 2 * mean_error(m, a)
+    assert (var_a - var_b).abs().max() <= 2 * variance_error(m, a)
+    (mean_a.sum() + var_a.sum()).backward()
+    (mean_b.sum() + var_b.sum()).backward()
+    assert xa.grad is not None and xb.grad is not None
+    bound = 2 * U32 * a + 4 * U32 * (1 + 4 * a) / m
+    assert (xa.grad - xb.grad).abs().max() <= 2 * bound
 
 
 def test_batch_stats_of_2d_input() -> None:
