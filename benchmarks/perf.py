@@ -274,6 +274,7 @@ EPOCH_LEVERS: dict[str, list[str]] = {
     "compile": ["compile=true"],
     "bf16+compile": ["precision=bf16", "compile=true"],
     "bf16+compile+cl-gen": ["precision=bf16", "compile=true", "channels_last=generator"],
+    "fp32-no-measure": ["precision=fp32"],
     "bf16+compile+cl-gen-eager-stats": [
         "precision=bf16",
         "compile=true",
@@ -295,11 +296,25 @@ EPOCH_LEVERS: dict[str, list[str]] = {
 ``spike`` entries are the cost of spike-aware TAR (in KD; in KD and synthesis), the settings
 of the session-9 val runs; ``cl-gen`` runs the generator in channels-last memory format
 (``channels_last: generator``); ``sresnet20`` is the deeper student (spiking ResNet-20 in place of
-``spiking_tiny``), to size a family for it. ``-eager-stats`` levers (:data:`EAGER_STATS`)
-take the synthesis objective's BN statistics eagerly as before session 14, to measure
-``compiled_batch_stats`` alone."""
+``spiking_tiny``), to size a family for it. Levers in :data:`EPOCH_PATCHES` also change the
+built components: ``-eager-stats`` takes the synthesis objective's BN statistics eagerly as
+before session 14 (to measure ``compiled_batch_stats`` alone); ``-no-measure`` does not
+measure the zero-weight terms at all (their cost: before session 14 they were measured at
+every generator step, now at a call's last step only)."""
 
-EAGER_STATS = frozenset({"bf16+compile+cl-gen-eager-stats"})
+
+def _eager_stats(objective: Any) -> None:
+    objective.compile = False
+
+
+def _no_measure(objective: Any) -> None:
+    objective.measure_inactive = False
+
+
+EPOCH_PATCHES: dict[str, Callable[[Any], None]] = {
+    "bf16+compile+cl-gen-eager-stats": _eager_stats,
+    "fp32-no-measure": _no_measure,
+}
 
 
 def epoch_ratios(
@@ -330,8 +345,8 @@ def epoch_ratios(
         )
         comps[name] = build_components(RunConfig.model_validate(cfg_tree))
         comps[name].synthesizer.set_epoch(1)
-        if name in EAGER_STATS:
-            comps[name].synthesizer.objective.compile = False
+        if name in EPOCH_PATCHES:
+            EPOCH_PATCHES[name](comps[name].synthesizer.objective)
     first = next(iter(comps.values()))
     steps = kd_steps if kd_steps is not None else first.cfg.distill.kd_steps_per_epoch
 

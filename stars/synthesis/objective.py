@@ -260,6 +260,7 @@ class SynthesisObjective:
         student_active: bool = True,
         grad_inactive: bool = False,
         calibrate: bool = True,
+        measure: bool = True,
     ) -> ObjectiveOutput:
         """``L_G`` for images ``x [N, C, H, W]`` and labels ``y [N]``.
 
@@ -268,6 +269,10 @@ class SynthesisObjective:
         ``grad_inactive`` keeps the graph of zero-weight STARS terms (for :meth:`grad_norms`).
         ``calibrate``: this call may calibrate lambda_rca (``stars.rca.grad_ratio``); a
         measurement (:meth:`grad_norms`) does not.
+        ``measure``: this call measures the zero-weight terms (with ``measure_inactive``).
+        The synthesizers pass it on their last step only, the one whose terms they report
+        (:meth:`SynthesisContext.finish`): a measurement draws no random numbers and adds
+        nothing to the loss, so the other steps are the same without it, bit for bit.
         """
         with FeatureTap(self.bn_layers) as tap, autocast(x.device, self.precision):
             t_feats, t_logits = self.teacher.forward_features(x)
@@ -285,7 +290,7 @@ class SynthesisObjective:
         )
         terms: dict[str, Tensor] = {}
         active: dict[str, float] = {}
-        measure = self.measure_inactive
+        measure = self.measure_inactive and measure
 
         def run(phase: str) -> None:
             for term in self.terms:

@@ -326,9 +326,9 @@ def train_generator(
     result: tuple[Tensor, ObjectiveOutput] | None = None
     trace: list[float] = []
     with maybe_frozen(student):
-        for _ in range(g_steps):
+        for step in range(g_steps):
             x = ctx.generate(generator, ctx.randn(y.shape[0], generator.nz))
-            out = ctx.objective(x, y, student)
+            out = ctx.objective(x, y, student, measure=step == g_steps - 1)
             trace.append(step_value(out.total))
             opt.zero_grad(set_to_none=True)
             torch.autograd.backward(out.total)

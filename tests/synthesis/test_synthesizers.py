@@ -32,7 +32,7 @@ from stars.models.teachers import CifarResNet
 from stars.synthesis.factory import build_synthesizer
 from stars.synthesis.methods import KINDS as REGISTERED
 from stars.synthesis.methods import METHODS
-from stars.synthesis.objective import frozen
+from stars.synthesis.objective import SynthesisObjective, frozen
 from stars.synthesis.synthesizers import SynthesizerBase
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -215,6 +215,38 @@ def test_stars_off_is_the_baseline_bit_for_bit(kind: str) -> None:
     c = [on.synthesize(student).images for _ in range(2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_measuring_only_the_last_step_changes_nothing(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero-weight terms are measured on a call's last step only (the step whose terms it
+    reports): the images, the trace and every reported loss are those of measuring them at
+    every step, bit for bit, for the baseline and for STARS on; and the other steps do skip."""
+    student = tiny_student()
+    calls: list[bool] = []
+    call = SynthesisObjective.__call__
+
+    def always(self: SynthesisObjective, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("measure", True))
+        kwargs["measure"] = True
+        return call(self, *args, **kwargs)
+
+    for stars in (STARS_OFF_OTHER, STARS_ON):
+        lean = make(kind, stars)
+        every = make(kind, stars)
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(SynthesisObjective, "__call__", always)
+            want = [every.synthesize(student) for _ in range(2)]
+        got = [lean.synthesize(student) for _ in range(2)]
+        assert calls.count(False) >= 2 and calls.count(True) == 2, calls
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.images, b.images)
+            assert a.trace == b.trace
+            assert a.losses == b.losses
+            assert "tar" in a.losses  # measured, when inactive too
 
 
 @pytest.mark.parametrize("kind", KINDS)

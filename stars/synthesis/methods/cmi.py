@@ -444,13 +444,14 @@ class CMISynthesizer(SynthesizerBase):
         out: ObjectiveOutput | None = None
         trace: list[float] = []
         with maybe_frozen(student):
-            for _ in range(self.iterations):
+            for i in range(self.iterations):
+                last = i == self.iterations - 1
                 x = ctx.generate(self.generator, z)
                 view = global_view(x, black=self.black, generator=ctx.rng)
                 feats: Tensor | None = None
                 if self.cr_weight > 0:
                     with FeatureTap(self.layers) as tap:
-                        out = ctx.objective(view, y, student)
+                        out = ctx.objective(view, y, student, measure=last)
                         g_feat = _instance_means(tap, self.layers).detach()
                     cr, l_feat = self._contrastive(x, g_feat)
                     out = ObjectiveOutput(
@@ -461,7 +462,7 @@ class CMISynthesizer(SynthesizerBase):
                     )
                     feats = torch.cat([l_feat.detach(), g_feat], dim=1)
                 else:
-                    out = ctx.objective(view, y, student)
+                    out = ctx.objective(view, y, student, measure=last)
                 value = step_value(out.total)
                 trace.append(value)
                 if best is None or value < best[0]:

@@ -54,10 +54,10 @@ class DeepInversionSynthesizer(SynthesizerBase):
         best = LowestLoss()
         out: ObjectiveOutput | None = None
         with maybe_frozen(student):
-            for _ in range(self.iterations):
+            for step in range(self.iterations):
                 x = gen()
                 x_aug = ctx.augment(x, max_shift=self.jitter, flip=self.flip)
-                out = ctx.objective(x_aug, y, student)
+                out = ctx.objective(x_aug, y, student, measure=step == self.iterations - 1)
                 best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)

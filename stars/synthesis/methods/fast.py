@@ -93,10 +93,16 @@ class FastSynthesizer(SynthesizerBase):
         if self.meta:
             self.meta_opt.zero_grad(set_to_none=True)
         with maybe_frozen(student):
-            for _ in range(self.g_steps):
+            for step in range(self.g_steps):
                 x = ctx.generate(fast, z)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
-                out = ctx.objective(x_aug, y, student, student_active=student_active)
+                out = ctx.objective(
+                    x_aug,
+                    y,
+                    student,
+                    student_active=student_active,
+                    measure=step == self.g_steps - 1,
+                )
                 best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)

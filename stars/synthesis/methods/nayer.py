@@ -312,10 +312,16 @@ class NAYERSynthesizer(SynthesizerBase):
         best = LowestLoss()
         out: ObjectiveOutput | None = None
         with maybe_frozen(student):
-            for _ in range(self.g_steps):
+            for step in range(self.g_steps):
                 x = ctx.generate(gen, None, y)
                 x_aug = ctx.augment(x, max_shift=self.jitter)
-                out = ctx.objective(x_aug, y, student, student_active=student_active)
+                out = ctx.objective(
+                    x_aug,
+                    y,
+                    student,
+                    student_active=student_active,
+                    measure=step == self.g_steps - 1,
+                )
                 best.offer(out.total, x)
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(out.total)
