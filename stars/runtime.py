@@ -9,12 +9,13 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import numpy as np
 import torch
+import torch._dynamo.config
 import torch._functorch.config
 from rich.console import Console
 from rich.progress import (
@@ -37,6 +38,7 @@ __all__ = [
     "CompiledModel",
     "MetricsLog",
     "autocast",
+    "compiled_or_eager",
     "eager_forwards",
     "make_run_dir",
     "maybe_compile",
@@ -45,6 +47,27 @@ __all__ = [
     "seed_everything",
     "tune_malloc",
 ]
+
+
+_T = TypeVar("_T")
+
+
+def compiled_or_eager(
+    compiled: Callable[[], Callable[..., _T]], eager: Callable[..., _T], *args: Any, what: str
+) -> _T:
+    """``compiled()(*args)``: ``compiled`` returns a ``torch.compile``d function (built on
+    first use, cached by the caller). If compiling or running it fails, warn
+    ``torch.compile failed for <what>`` and return ``eager(*args)``, the same function
+    uncompiled. Up to 64 compiled variants per function (dynamo's default is 8: a process that
+    tries many shapes and dtypes, the tests, would otherwise fall back silently)."""
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return compiled()(*args)
+    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
+        import warnings
+
+        warnings.warn(f"torch.compile failed for {what} ({exc}); running it eagerly", stacklevel=3)
+    return eager(*args)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch._dynamo.config
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from stars.runtime import compiled_or_eager
 
 __all__ = ["FusedNeuronParams", "compiled_multi_step", "fused_multi_step"]
 
@@ -258,20 +259,10 @@ def _kernels() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
 
 def _run(which: int, *args: Any) -> Tensor:
     """Kernel ``which`` (0: spikes, 1: input gradient); if compiling or running it fails,
-    warn and compute the same function eagerly."""
-    try:
-        # one compiled variant per dtype, structure, T and broadcast input: more than
-        # dynamo's default of 8 in a process that tries many (the tests)
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return _kernels()[which](*args)
-    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
-        import warnings
-
-        warnings.warn(
-            f"torch.compile failed for the neuron kernel ({exc}); running it eagerly",
-            stacklevel=2,
-        )
-    return (_sequence_spikes, _sequence_input_grad)[which](*args)
+    warn and compute the same function eagerly (one compiled variant per dtype, structure,
+    T and broadcast input)."""
+    eager = (_sequence_spikes, _sequence_input_grad)[which]
+    return compiled_or_eager(lambda: _kernels()[which], eager, *args, what="the neuron kernel")
 
 
 _FLAGS = ("leaky", "decay_input", "hard_reset", "detach_reset", "atan")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from stars.config import TARConfig
+from stars.runtime import compiled_or_eager
 
 _V = TypeVar("_V")
 
@@ -94,23 +95,12 @@ def compiled_batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     ATen's CPU ``var_mean`` over ``(N, H, W)`` of an NCHW tensor is a strided scalar loop;
     inductor's reduction is vectorized: on one CPU thread the Fast synthesis step (ResNet-20
-    teacher, 19 BN layers) took 0.87x the time (benchmarks/README.md, session 14). Same
+    teacher, 19 BN layers) took 0.895x the time (benchmarks/README.md, session 14). Same
     statistics up to float rounding (another summation order; ``tests/synthesis/
     test_priors.py`` states the error model). The first call per shape compiles; if
-    compiling or running fails, warn and compute eagerly.
+    compiling or running fails, warn and compute eagerly (:func:`stars.runtime.compiled_or_eager`).
     """
-    try:
-        # one graph per activation shape (a teacher has a few; the tests try many)
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return _compiled_stats()(x)
-    except Exception as exc:  # torch.compile raises many kinds; eager is always correct
-        import warnings
-
-        warnings.warn(
-            f"torch.compile failed for the BN statistics ({exc}); computing them eagerly",
-            stacklevel=2,
-        )
-    return batch_stats(x)
+    return compiled_or_eager(_compiled_stats, batch_stats, x, what="the BN statistics")
 
 
 # ----------------------------------------------------------------------------- hooks
