@@ -40,7 +40,7 @@ from stars.distributed import (
     ddp_features,
 )
 from stars.errors import StarsError
-from stars.evaluation import top1
+from stars.evaluation import forward_batch, split_batches, top1
 from stars.models.factory import build_teacher
 from stars.models.protocols import SpikingStudent, Teacher
 from stars.models.students import build_student
@@ -281,9 +281,9 @@ def test_loader(cfg: RunConfig, console: Console) -> DataLoader[Any] | None:
     return DataLoader(test, batch_size=cfg.evaluation.batch_size, num_workers=cfg.data.num_workers)
 
 
-def _images_only(loader: DataLoader[Any], limit: int) -> Iterator[Tensor]:
+def _images_only(loader: DataLoader[Any], limit: int, chunk: int | None) -> Iterator[Tensor]:
     seen = 0
-    for x, _ in loader:
+    for x, _ in split_batches(loader, chunk):
         if seen >= limit:
             return
         yield x[: limit - seen]
@@ -317,10 +317,22 @@ def evaluate_student(
     comp: Components, loader: DataLoader[Any], *, teacher_top1: float | None = None
 ) -> Evaluation:
     """Top-1 of student (and teacher, unless given), firing rates, SynOps and energy."""
-    s_acc = top1(comp.student, loader, comp.device)
-    t_acc = teacher_top1 if teacher_top1 is not None else top1(comp.teacher, loader, comp.device)
-    spikes = measure_spikes(comp.student, _images_only(loader, 512), comp.device)
     g = comp.geometry
+    ev = comp.cfg.evaluation
+
+    def chunk(steps: int) -> int | None:
+        return forward_batch(
+            ev.forward_batch, steps=steps, image_size=g.image_size, device=comp.device
+        )
+
+    s_chunk = chunk(comp.student.T)
+    s_acc = top1(comp.student, loader, comp.device, chunk=s_chunk)
+    t_acc = (
+        teacher_top1
+        if teacher_top1 is not None
+        else top1(comp.teacher, loader, comp.device, chunk=chunk(1))
+    )
+    spikes = measure_spikes(comp.student, _images_only(loader, 512, s_chunk), comp.device)
     cost = measure_ann(comp.teacher, (3, g.image_size, g.image_size), comp.device)
     return Evaluation(s_acc, t_acc, spikes, cost, _skipped_images(loader.dataset))
 

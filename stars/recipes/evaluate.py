@@ -16,7 +16,7 @@ from stars.config import RunConfig, TeacherTrainConfig
 from stars.data.datasets import DataError, build_data, stratified_subset
 from stars.distill.spikes import measure_ann, measure_spikes
 from stars.errors import StarsError
-from stars.evaluation import top1
+from stars.evaluation import forward_batch, split_batches, top1
 from stars.models.factory import freeze
 from stars.models.io import load_model_weights, read_metadata
 from stars.models.students import build_student
@@ -76,7 +76,10 @@ def evaluate_checkpoint(
         raise StarsError("the dataset has no test split to evaluate on")
     test = stratified_subset(test, max_images, 0)
     loader = DataLoader(test, batch_size=256)
-    result: dict[str, Any] = {"kind": kind, "arch": meta["arch"], "top1": top1(model, loader, dev)}
+    steps = cfg.student.T if isinstance(cfg, RunConfig) else 1
+    chunk = forward_batch("auto", steps=steps, image_size=size, device=dev)
+    acc = top1(model, loader, dev, chunk=chunk)
+    result: dict[str, Any] = {"kind": kind, "arch": meta["arch"], "top1": acc}
     table = Table(title=f"stars evaluate {checkpoint.name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -85,7 +88,7 @@ def evaluate_checkpoint(
     table.add_row(what, str(len(test)))  # type: ignore[arg-type]
     table.add_row("top-1 (%)", f"{result['top1']:.2f}")
     if kind == "student":
-        stats = measure_spikes(model, (x for x, _ in loader), dev)
+        stats = measure_spikes(model, (x for x, _ in split_batches(loader, chunk)), dev)
         result["spikes"] = stats.to_dict()
         table.add_row("mean firing rate", f"{stats.mean_firing_rate:.4f}")
         table.add_row("SynOps / image", f"{stats.synops:.3e}")
