@@ -280,6 +280,11 @@ EPOCH_LEVERS: dict[str, list[str]] = {
         "compile=true",
         "channels_last=generator",
     ],
+    "bf16+compile+cl-gen-nchw-pool": [
+        "precision=bf16",
+        "compile=true",
+        "channels_last=generator",
+    ],
     "spike-kd": ["stars.spike_tar.student_weight=1"],
     "spike": ["stars.spike_tar.student_weight=1", "stars.spike_tar.weight=2"],
     "bf16+spike-kd": ["precision=bf16", "stars.spike_tar.student_weight=1"],
@@ -300,20 +305,41 @@ of the session-9 val runs; ``cl-gen`` runs the generator in channels-last memory
 built components: ``-eager-stats`` takes the synthesis objective's BN statistics eagerly as
 before session 14 (to measure ``compiled_batch_stats`` alone); ``-no-measure`` does not
 measure the zero-weight terms at all (their cost: before session 14 they were measured at
-every generator step, now at a call's last step only)."""
+every generator step, now at a call's last step only); ``-nchw-pool`` puts ``nn.MaxPool2d``
+back in the student in place of :class:`stars.models.layers.MaxPool2d` (to measure it
+alone)."""
 
 
-def _eager_stats(objective: Any) -> None:
-    objective.compile = False
+def _eager_stats(comp: Any) -> None:
+    comp.synthesizer.objective.compile = False
 
 
-def _no_measure(objective: Any) -> None:
-    objective.measure_inactive = False
+def _no_measure(comp: Any) -> None:
+    comp.synthesizer.objective.measure_inactive = False
+
+
+def _nchw_pool(comp: Any) -> None:
+    from torch import nn
+
+    from stars.models.layers import MaxPool2d
+
+    for module in list(comp.student.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MaxPool2d):
+                twin = nn.MaxPool2d(
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    ceil_mode=child.ceil_mode,
+                )
+                setattr(module, name, twin)
 
 
 EPOCH_PATCHES: dict[str, Callable[[Any], None]] = {
     "bf16+compile+cl-gen-eager-stats": _eager_stats,
     "fp32-no-measure": _no_measure,
+    "bf16+compile+cl-gen-nchw-pool": _nchw_pool,
 }
 
 
@@ -346,7 +372,7 @@ def epoch_ratios(
         comps[name] = build_components(RunConfig.model_validate(cfg_tree))
         comps[name].synthesizer.set_epoch(1)
         if name in EPOCH_PATCHES:
-            EPOCH_PATCHES[name](comps[name].synthesizer.objective)
+            EPOCH_PATCHES[name](comps[name])
     first = next(iter(comps.values()))
     steps = kd_steps if kd_steps is not None else first.cfg.distill.kd_steps_per_epoch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmarks.perf import EPOCH_LEVERS, EPOCH_PATCHES, _ann_twin, peak_memory
@@ -35,8 +36,30 @@ def test_every_epoch_lever_is_a_valid_change_of_fast_yaml(lever: str) -> None:
     cfg = RunConfig.model_validate(apply_overrides(tree, EPOCH_LEVERS[lever]))
     if lever in EPOCH_PATCHES:
         # a patched lever runs the config of the lever it is named after, then patches
-        patched = lever.removesuffix("-eager-stats").removesuffix("-no-measure")
+        patched = lever
+        for suffix in ("-eager-stats", "-no-measure", "-nchw-pool"):
+            patched = patched.removesuffix(suffix)
         assert patched != lever and patched in EPOCH_LEVERS
         assert cfg == RunConfig.model_validate(apply_overrides(tree, EPOCH_LEVERS[patched]))
         return
     assert (cfg == base) == (lever == "fp32")
+
+
+def test_nchw_pool_patch_puts_nn_max_pool_back() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from benchmarks.perf import _nchw_pool
+    from stars.config import StudentConfig
+    from stars.models.layers import MaxPool2d
+    from stars.models.students import build_student
+
+    student = build_student(StudentConfig(arch="spiking_tiny", T=2), num_classes=10)
+    assert sum(isinstance(m, MaxPool2d) for m in student.modules()) == 3
+    x = torch.randn(2, 3, 32, 32)
+    before = student(x)
+    _nchw_pool(SimpleNamespace(student=student))
+    assert not any(isinstance(m, MaxPool2d) for m in student.modules())
+    assert sum(type(m) is nn.MaxPool2d for m in student.modules()) == 3
+    assert torch.equal(student(x), before)

@@ -46,6 +46,7 @@ from stars.config import NeuronConfig, StudentConfig
 from stars.models.layers import (
     ConvBN,
     DirectEncoder,
+    MaxPool2d,
     SeqToANN,
     SpikingBasicBlock,
     collect_bn_layers,
@@ -243,7 +244,7 @@ class SpikingVGG(SpikingClassifier):
         for item in layout[1:]:
             match item:
                 case "M":
-                    layers.append(SeqToANN(nn.MaxPool2d(2)))
+                    layers.append(SeqToANN(MaxPool2d(2)))
                 case "A":
                     layers.append(SeqToANN(nn.AvgPool2d(2)))
                 case int():
