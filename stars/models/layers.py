@@ -55,12 +55,11 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
         y: Tensor
         idx: Tensor
+        ctx.args = _pool_args(pool)
         y, idx = torch.ops.aten.max_pool2d_with_indices(
-            x.contiguous(memory_format=torch.channels_last),
-            *_pool_args(pool),
+            x.contiguous(memory_format=torch.channels_last), *ctx.args
         )
         ctx.save_for_backward(x, idx.contiguous())
-        ctx.args = _pool_args(pool)
         return y.contiguous()
 
     @staticmethod
